@@ -1,0 +1,73 @@
+//! zt's developer tasks: `cargo xtask setup|build|test|run|bench` (see the README's Development section).
+//!
+//! Environment:
+//! - `ZT_NIGHTLY`: toolchain that setup checks for the eBPF build (default `nightly`);
+//! - `ZT_BPF_LINKER_ROOT`: install/use bpf-linker under this root instead of `~/.cargo`;
+//! - `ZT_TEST_THREADS`: `--test-threads` of `cargo xtask test` (default 2).
+
+mod run;
+mod setup;
+mod tasks;
+mod util;
+
+use std::{ffi::OsString, process::ExitCode};
+
+use anyhow::{bail, Result};
+use clap::{Parser, Subcommand};
+
+/// zt developer tasks.
+#[derive(Debug, Parser)]
+#[command(name = "cargo xtask", bin_name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Install what building the eBPF programs needs (rust-src for nightly, bpf-linker);
+    /// idempotent.
+    Setup,
+    /// setup, then release builds of ztd and ztctl (eBPF object embedded) and the test probe.
+    Build,
+    /// setup, fmt, clippy, build, then every test (needs root).
+    Test,
+    /// setup, build, then run ztd in the foreground in audit mode with ./policies on the whole
+    /// host unless `-- --cgroup <dir>` is given; Ctrl-C stops it and unloads.
+    Run {
+        /// Arguments for ztd (after `--`); --policy/--mode/--cgroup/--bpffs/--socket given
+        /// here replace xtask's defaults.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        ztd_args: Vec<OsString>,
+    },
+    /// Benchmarks (not implemented yet).
+    Bench,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match dispatch(cli.command) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn dispatch(cmd: Cmd) -> Result<u8> {
+    util::prepare_path()?;
+    let ctx = util::Ctx::new;
+    match cmd {
+        Cmd::Setup => setup::setup(&ctx()?)?,
+        Cmd::Build => {
+            let ctx = ctx()?;
+            setup::setup(&ctx)?;
+            tasks::build(&ctx)?;
+        }
+        Cmd::Test => tasks::test(&ctx()?)?,
+        Cmd::Run { ztd_args } => return run::run(&ctx()?, ztd_args),
+        Cmd::Bench => bail!("`cargo xtask bench` is not implemented yet (issue 7)"),
+    }
+    Ok(0)
+}

@@ -1,0 +1,304 @@
+//! The ABI shared by the kernel programs (`zt-ebpf`) and userspace (`zt-userspace`).
+//!
+//! Everything here is `#[repr(C)]` with explicit padding so that both sides agree on the
+//! layout byte for byte. Numeric codes (hooks, verdicts, protocols, statistics) are part of
+//! the ABI: append new ones, never renumber.
+//!
+//! # How a decision is made (bounded lookups, no loop over rules)
+//! 1. **Identity.** The calling task's exe (device+inode), uid, gid and cgroup ancestry each
+//!    select a bitmask of policy identities ([`IdentityMask`]); an identity that does not
+//!    constrain an attribute is in that attribute's wildcard mask ([`SlotConfig`]). The AND of
+//!    the four is the set of identities the task matches. Bit [`ANY_IDENTITY_BIT`] is `any`.
+//! 2. **Peer.** An LPM trie maps the peer address to a *net class*: the id of the set of policy
+//!    CIDRs that contain it (closed over containment at compile time, so the longest match
+//!    carries every shorter one).
+//! 3. **Port.** An array maps `(protocol, port)` to a *port class* (the partition of the port
+//!    space cut at every range endpoint of the policy).
+//! 4. **Decision.** A hash map keyed by `(net class, port class)` holds the identity masks
+//!    that are allowed, denied, and denied-in-audit there. Peers `any` and "every port of a
+//!    protocol" have their own classes, so at most four keys are probed.
+//! 5. **Rule.** The rule that decided is found with one more lookup, for counters and events.
+//!
+//! # Generations
+//! Every policy map exists twice (slot 0 and slot 1). The programs read [`ActiveSlot`] once
+//! per decision and use only that slot's maps, so a reload writes the idle slot completely,
+//! then flips one word: a decision sees the old policy or the new one, never a mix.
+#![no_std]
+
+/// Bit of the identity mask that every task matches (`identity = "any"`).
+pub const ANY_IDENTITY_BIT: u32 = 0;
+/// Identities per policy, `any` included (one `u64` mask).
+pub const MAX_IDENTITIES: usize = 64;
+/// Rules per policy generation; rule id 0 is the default verdict.
+pub const MAX_RULES: u32 = 1 << 17;
+/// Rule id reported when no rule matched (default deny).
+pub const RULE_DEFAULT: u32 = 0;
+/// Number of policy slots (double buffering).
+pub const SLOTS: u32 = 2;
+/// Deepest cgroup level the programs inspect for cgroup identities.
+pub const MAX_CGROUP_LEVEL: u32 = 24;
+
+/// Capacity of the per-slot decision maps.
+pub const MAX_EXES: u32 = 4096;
+pub const MAX_UIDS: u32 = 4096;
+pub const MAX_GIDS: u32 = 4096;
+pub const MAX_CGROUPS: u32 = 4096;
+pub const MAX_NET4: u32 = 1 << 18;
+pub const MAX_NET6: u32 = 1 << 18;
+pub const MAX_DECISIONS: u32 = 1 << 20;
+pub const MAX_RULE_OF: u32 = 1 << 20;
+
+/// Port classes: index `proto_index * 65536 + port` of the port map.
+pub const PORTS_PER_PROTO: u32 = 65536;
+/// Number of protocols with ports in the port map (tcp, udp).
+pub const PORT_PROTOS: u32 = 2;
+
+/// Net class of peer `any` for IPv4 / IPv6 destinations.
+pub const NET_CLASS_ANY4: u32 = 1;
+pub const NET_CLASS_ANY6: u32 = 2;
+/// First net class the compiler hands out for CIDRs.
+pub const NET_CLASS_FIRST: u32 = 16;
+/// Port class meaning "every port" of tcp, udp, and protocols without ports.
+pub const PORT_CLASS_ALL_TCP: u32 = 1;
+pub const PORT_CLASS_ALL_UDP: u32 = 2;
+pub const PORT_CLASS_ALL_OTHER: u32 = 3;
+/// First port class the compiler hands out for port ranges.
+pub const PORT_CLASS_FIRST: u32 = 16;
+
+/// Set of identities, one bit each.
+pub type IdentityMask = u64;
+
+/// Protocol index used by the port map and in events.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Proto {
+    Tcp = 0,
+    Udp = 1,
+    Other = 2,
+}
+
+/// Which hook made a decision. Stable codes.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hook {
+    Connect4 = 1,
+    Connect6 = 2,
+    Sendmsg4 = 3,
+    Sendmsg6 = 4,
+}
+
+impl Hook {
+    pub const ALL: [Hook; 4] = [
+        Hook::Connect4,
+        Hook::Connect6,
+        Hook::Sendmsg4,
+        Hook::Sendmsg6,
+    ];
+
+    pub fn from_code(code: u8) -> Option<Hook> {
+        Self::ALL.into_iter().find(|h| *h as u8 == code)
+    }
+
+    /// Name of the program in the eBPF object and of its pinned link.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Hook::Connect4 => "connect4",
+            Hook::Connect6 => "connect6",
+            Hook::Sendmsg4 => "sendmsg4",
+            Hook::Sendmsg6 => "sendmsg6",
+        }
+    }
+}
+
+/// What the kernel did. Stable codes.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Allow = 1,
+    Deny = 2,
+    /// Would have been denied; allowed because the deciding policy is in audit mode.
+    Audit = 3,
+}
+
+impl Verdict {
+    pub fn from_code(code: u8) -> Option<Verdict> {
+        match code {
+            1 => Some(Verdict::Allow),
+            2 => Some(Verdict::Deny),
+            3 => Some(Verdict::Audit),
+            _ => None,
+        }
+    }
+}
+
+/// Indexes of the per-CPU statistics array. Stable codes; every error path has one.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stat {
+    Allowed = 0,
+    Denied = 1,
+    Audited = 2,
+    /// The active slot or its configuration could not be read: denied (fail closed).
+    NoPolicy = 3,
+    /// The executable of the task could not be read; judged as "no executable".
+    ExeUnreadable = 4,
+    /// A rule-of lookup failed; the decision stood, the counter went to the default rule.
+    RuleUnknown = 5,
+    /// The event ring buffer was full; the verdict stood, the event was lost.
+    EventLost = 6,
+    /// Events successfully submitted to the ring buffer.
+    EventSent = 7,
+}
+
+/// Number of entries in the statistics array.
+pub const STAT_COUNT: u32 = 16;
+
+/// The single entry of the `ACTIVE` map: which slot decides now.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ActiveSlot {
+    pub slot: u32,
+    pub _pad: u32,
+}
+
+/// Mode flags of a slot.
+pub const FLAG_GLOBAL_AUDIT: u32 = 1;
+/// Emit an event for allowed decisions too.
+pub const FLAG_LOG_ALLOWED: u32 = 2;
+
+/// Per-slot configuration (entry `slot` of the `SLOT_CONFIG` array).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SlotConfig {
+    pub generation: u64,
+    /// Identities that do not constrain the executable / uid / gid / cgroup.
+    pub exe_wildcard: IdentityMask,
+    pub uid_wildcard: IdentityMask,
+    pub gid_wildcard: IdentityMask,
+    pub cgroup_wildcard: IdentityMask,
+    /// Identities declared in files with `mode = "audit"`.
+    pub audit_identities: IdentityMask,
+    /// Identities declared in files with `mode = "enforce"`.
+    pub enforce_identities: IdentityMask,
+    /// Bit `l` set: some identity names a cgroup at level `l` (root is level 0).
+    pub cgroup_levels: u32,
+    /// `FLAG_*`.
+    pub flags: u32,
+    /// Number of rules of this generation (rule ids are 1..=rules).
+    pub rules: u32,
+    pub _pad: u32,
+}
+
+/// Key of the exe map: the executable's device (kernel encoding `major << 20 | minor`)
+/// and inode number.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ExeKey {
+    pub dev: u64,
+    pub ino: u64,
+}
+
+/// Key of the decision map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct DecisionKey {
+    pub net_class: u32,
+    pub port_class: u32,
+}
+
+/// Value of the decision map: which identities a rule allows, denies, or denies in audit
+/// mode at this (net class, port class). `entry` names this value in the rule-of map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DecisionValue {
+    pub allow: IdentityMask,
+    pub deny: IdentityMask,
+    pub audit_deny: IdentityMask,
+    pub entry: u32,
+    pub _pad: u32,
+}
+
+/// Which mask of a [`DecisionValue`] a [`RuleOfKey`] refers to.
+pub const RULE_KIND_ALLOW: u32 = 0;
+pub const RULE_KIND_DENY: u32 = 1;
+pub const RULE_KIND_AUDIT_DENY: u32 = 2;
+
+/// Key of the rule-of map: the first rule (in policy order) behind one bit of one mask of
+/// one decision entry.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RuleOfKey {
+    pub entry: u32,
+    pub identity: u32,
+    pub kind: u32,
+    pub _pad: u32,
+}
+
+/// Offsets into kernel structures, read from the kernel's BTF at start-up, so that the
+/// programs can find the executable of the calling task.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelOffsets {
+    pub task_mm: u32,
+    pub mm_exe_file: u32,
+    pub file_f_inode: u32,
+    pub inode_i_ino: u32,
+    pub inode_i_sb: u32,
+    pub sb_s_dev: u32,
+    /// `task_struct.cred` and the effective ids in it: identities match the effective
+    /// uid/gid (what the process acts as), not the real ones.
+    pub task_cred: u32,
+    pub cred_euid: u32,
+    pub cred_egid: u32,
+    pub _pad: u32,
+}
+
+/// Event kinds. Stable codes.
+pub const EVENT_DECISION: u16 = 1;
+
+/// A decision event, sent through the ring buffer for denials, audits and (on request)
+/// allows.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DecisionEvent {
+    /// `EVENT_*`.
+    pub kind: u16,
+    /// `Hook` code.
+    pub hook: u8,
+    /// `Verdict` code.
+    pub verdict: u8,
+    /// `Proto` code.
+    pub proto: u8,
+    /// 4 or 6 (family of the judged destination after unmapping IPv4-mapped IPv6).
+    pub family: u8,
+    pub peer_port: u16,
+    pub rule: u32,
+    pub ktime_ns: u64,
+    pub generation: u64,
+    pub pid: u32,
+    pub tgid: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub cgroup_id: u64,
+    pub exe: ExeKey,
+    /// Peer address: IPv4 in the first four bytes, network byte order.
+    pub peer_addr: [u8; 16],
+    pub comm: [u8; 16],
+}
+
+/// Ring buffer size in bytes (a power of two, a multiple of the page size).
+pub const EVENT_RING_BYTES: u32 = 1 << 22;
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: all of these are #[repr(C)] plain data with explicit padding and no pointers.
+    unsafe impl aya::Pod for ActiveSlot {}
+    unsafe impl aya::Pod for SlotConfig {}
+    unsafe impl aya::Pod for ExeKey {}
+    unsafe impl aya::Pod for DecisionKey {}
+    unsafe impl aya::Pod for DecisionValue {}
+    unsafe impl aya::Pod for RuleOfKey {}
+    unsafe impl aya::Pod for KernelOffsets {}
+    unsafe impl aya::Pod for DecisionEvent {}
+}

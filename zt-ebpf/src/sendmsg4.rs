@@ -1,0 +1,17 @@
+//! `cgroup/sendmsg4`: unconnected UDP `sendto()`/`sendmsg()` with an address to IPv4 destinations
+//! from sockets of the guarded cgroup. A rejected call fails with EPERM.
+
+use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
+use zt_common::Hook;
+
+use crate::decide::{judge, Destination};
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn sendmsg4(ctx: SockAddrContext) -> i32 {
+    // SAFETY: the kernel hands every sock_addr program a valid context.
+    let sa = unsafe { &*ctx.sock_addr };
+    judge(
+        Hook::Sendmsg4,
+        &Destination::v4(sa.user_ip4, sa.user_port, sa.protocol),
+    )
+}

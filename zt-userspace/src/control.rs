@@ -1,0 +1,156 @@
+//! The control protocol between `ztctl` and `ztd`: one JSON request per line over a unix
+//! socket (mode 0600, root only), one JSON response per line.
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    os::unix::net::UnixStream,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use serde::{Deserialize, Serialize};
+
+use crate::loader::HookHealth;
+
+/// Default control socket.
+pub const DEFAULT_SOCKET: &str = "/run/zt/ztd.sock";
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "snake_case")]
+pub enum Request {
+    Status,
+    /// Re-read the policy; apply it only if it is valid in full.
+    Reload,
+    /// Detach and unpin everything, then exit.
+    Unload,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum Response {
+    Status(Box<Status>),
+    Ok {
+        message: String,
+    },
+    /// `diagnostics` are `path:line:column: message` lines when a policy was refused.
+    Error {
+        message: String,
+        #[serde(default)]
+        diagnostics: Vec<String>,
+    },
+}
+
+/// One rule's hit counter.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RuleCounter {
+    /// Stable within a generation; 0 is the default verdict.
+    pub id: u32,
+    /// `path:line:column` of the rule (empty for the default).
+    pub location: String,
+    pub rule: String,
+    pub hits: u64,
+}
+
+/// Kernel-side decision statistics (summed over CPUs).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Decisions {
+    pub allowed: u64,
+    pub denied: u64,
+    pub audited: u64,
+    /// Decisions made with no readable policy (denied: fail closed).
+    pub no_policy: u64,
+    pub exe_unreadable: u64,
+    pub rule_unknown: u64,
+    pub events_sent: u64,
+    pub events_lost: u64,
+}
+
+/// The result of the last policy load or reload.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ReloadResult {
+    pub ok: bool,
+    /// Seconds since the Unix epoch.
+    pub at: u64,
+    pub message: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Status {
+    /// True only if the kernel shows every expected program attached to the guarded cgroup.
+    pub healthy: bool,
+    /// Global mode: `enforce` or `audit`.
+    pub mode: String,
+    pub generation: u64,
+    pub rules: u32,
+    pub identities: u32,
+    pub hooks: Vec<HookHealth>,
+    pub counters: Vec<RuleCounter>,
+    pub decisions: Decisions,
+    pub cgroup: PathBuf,
+    pub bpffs: PathBuf,
+    pub policy: Vec<PathBuf>,
+    pub pid: u32,
+    pub last_reload: ReloadResult,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error(
+        "cannot reach ztd at {socket}: {source} (is ztd running? is --socket right? are you root?)"
+    )]
+    Connect {
+        socket: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("talking to ztd at {socket}: {source}")]
+    Io {
+        socket: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("ztd at {socket} sent a response this ztctl does not understand: {source}")]
+    Protocol {
+        socket: PathBuf,
+        source: serde_json::Error,
+    },
+}
+
+/// Send one request and wait for its response.
+pub fn request(socket: &Path, req: &Request, timeout: Duration) -> Result<Response, ControlError> {
+    let io = |source| ControlError::Io {
+        socket: socket.to_path_buf(),
+        source,
+    };
+    let mut stream = UnixStream::connect(socket).map_err(|source| ControlError::Connect {
+        socket: socket.to_path_buf(),
+        source,
+    })?;
+    stream.set_read_timeout(Some(timeout)).map_err(io)?;
+    let mut line = serde_json::to_string(req).map_err(|source| ControlError::Protocol {
+        socket: socket.to_path_buf(),
+        source,
+    })?;
+    line.push('\n');
+    stream.write_all(line.as_bytes()).map_err(io)?;
+    let mut reader = BufReader::new(stream);
+    let mut answer = String::new();
+    reader.read_line(&mut answer).map_err(io)?;
+    serde_json::from_str(&answer).map_err(|source| ControlError::Protocol {
+        socket: socket.to_path_buf(),
+        source,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_have_stable_json() {
+        assert_eq!(
+            serde_json::to_string(&Request::Status).unwrap(),
+            r#"{"cmd":"status"}"#
+        );
+        let r: Request = serde_json::from_str(r#"{"cmd":"unload"}"#).unwrap();
+        assert!(matches!(r, Request::Unload));
+    }
+}

@@ -1,0 +1,152 @@
+//! Decision events from the kernel ring buffer, turned into lines a person can scan.
+//! (The full event pipeline — history, filters, JSON, metrics — builds on this.)
+
+use std::{
+    collections::HashMap,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+};
+
+use zt_common::{DecisionEvent, Hook, Verdict};
+
+/// Wall-clock nanoseconds minus CLOCK_MONOTONIC nanoseconds, to date kernel timestamps.
+pub fn monotonic_to_realtime_offset() -> i128 {
+    let now = |clock| {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: ts is a valid out-pointer.
+        unsafe { libc::clock_gettime(clock, &mut ts) };
+        ts.tv_sec as i128 * 1_000_000_000 + ts.tv_nsec as i128
+    };
+    now(libc::CLOCK_REALTIME) - now(libc::CLOCK_MONOTONIC)
+}
+
+/// `YYYY-MM-DDTHH:MM:SS.mmmZ` for nanoseconds since the epoch.
+pub fn rfc3339(ns: i128) -> String {
+    let secs = ns.div_euclid(1_000_000_000);
+    let millis = ns.rem_euclid(1_000_000_000) / 1_000_000;
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    // Civil-from-days (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i128::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{millis:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// Parse a ring buffer record.
+pub fn parse(bytes: &[u8]) -> Option<DecisionEvent> {
+    if bytes.len() < std::mem::size_of::<DecisionEvent>() {
+        return None;
+    }
+    // SAFETY: DecisionEvent is plain old data and the record is at least that long.
+    Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr() as *const DecisionEvent) })
+}
+
+pub fn peer(ev: &DecisionEvent) -> IpAddr {
+    if ev.family == 4 {
+        IpAddr::V4(Ipv4Addr::new(
+            ev.peer_addr[0],
+            ev.peer_addr[1],
+            ev.peer_addr[2],
+            ev.peer_addr[3],
+        ))
+    } else {
+        IpAddr::V6(Ipv6Addr::from(ev.peer_addr))
+    }
+}
+
+pub fn proto_name(code: u8) -> &'static str {
+    match code {
+        0 => "tcp",
+        1 => "udp",
+        _ => "other",
+    }
+}
+
+pub fn verdict_name(code: u8) -> &'static str {
+    match Verdict::from_code(code) {
+        Some(Verdict::Allow) => "allow",
+        Some(Verdict::Deny) => "deny",
+        Some(Verdict::Audit) => "audit",
+        None => "?",
+    }
+}
+
+/// The executable path of a process, read while it (probably) still runs.
+pub fn exe_path(tgid: u32, cache: &mut HashMap<u32, String>) -> String {
+    if let Some(p) = cache.get(&tgid) {
+        return p.clone();
+    }
+    let path = std::fs::read_link(format!("/proc/{tgid}/exe"))
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|_| "?".to_string());
+    if cache.len() > 4096 {
+        cache.clear();
+    }
+    cache.insert(tgid, path.clone());
+    path
+}
+
+/// One line per event.
+pub fn format_line(ev: &DecisionEvent, offset_ns: i128, exe: &str, rule: &str) -> String {
+    let comm_len = ev
+        .comm
+        .iter()
+        .position(|&b| b == 0)
+        .unwrap_or(ev.comm.len());
+    let comm = String::from_utf8_lossy(&ev.comm[..comm_len]);
+    let hook = Hook::from_code(ev.hook).map(Hook::name).unwrap_or("?");
+    let peer = match peer(ev) {
+        IpAddr::V4(a) => format!("{a}:{}", ev.peer_port),
+        IpAddr::V6(a) => format!("[{a}]:{}", ev.peer_port),
+    };
+    format!(
+        "{} {:<5} {:<8} pid={} uid={} gid={} exe={} comm={} -> {}/{} rule={} gen={}",
+        rfc3339(ev.ktime_ns as i128 + offset_ns),
+        verdict_name(ev.verdict),
+        hook,
+        ev.tgid,
+        ev.uid,
+        ev.gid,
+        exe,
+        comm,
+        peer,
+        proto_name(ev.proto),
+        rule,
+        ev.generation
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339_formats_known_instants() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(
+            rfc3339(1_795_737_600_123_000_000),
+            "2026-11-27T00:00:00.123Z"
+        );
+    }
+
+    #[test]
+    fn short_records_are_refused() {
+        assert!(parse(&[0u8; 8]).is_none());
+        let bytes = [0u8; std::mem::size_of::<DecisionEvent>()];
+        assert!(parse(&bytes).is_some());
+    }
+}

@@ -1,0 +1,11 @@
+//! zt: a zero-trust host firewall. This library holds everything the two binaries share:
+//! the policy compiler ([`policy`]), the loader that keeps the kernel programs attached and
+//! pinned ([`loader`]), the daemon ([`daemon`]) and its control protocol ([`control`]).
+
+pub mod btf;
+pub mod control;
+pub mod daemon;
+pub mod events;
+pub mod loader;
+pub mod policy;
+pub mod sys;

@@ -1,0 +1,503 @@
+//! Loads zt's programs, keeps them attached through pinned bpf_links, and writes policy
+//! generations into the pinned maps.
+//!
+//! Layout under `--bpffs DIR`: `DIR/maps/<MAP>` (every map, pinned by name) and
+//! `DIR/links/<hook>` (one cgroup link per hook). Pins keep enforcement alive when `ztd`
+//! exits, however it exits.
+//!
+//! **Start and restart without a window.** The programs are always loaded against the pinned
+//! maps (created on first start, reused after). If a hook's link is already pinned, the new
+//! program replaces the old one in place (`BPF_LINK_UPDATE`): the cgroup is never without a
+//! program and never has two. Only a missing link is created, and only after the policy is in
+//! the maps.
+//!
+//! **Generations.** A policy is written completely into the idle slot (diffed against what
+//! that slot holds, so small changes make few writes), then `ACTIVE` is flipped in one write.
+
+use std::{
+    collections::HashMap as StdHashMap,
+    hash::Hash,
+    os::fd::AsFd,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray},
+    programs::{
+        links::{FdLink, PinnedLink},
+        CgroupAttachMode, CgroupSockAddr,
+    },
+    Ebpf, EbpfLoader, Pod,
+};
+use zt_common::{
+    ActiveSlot, DecisionKey, DecisionValue, ExeKey, Hook, KernelOffsets, RuleOfKey, SlotConfig,
+    Stat, MAX_RULES, PORTS_PER_PROTO, PORT_PROTOS, STAT_COUNT,
+};
+
+use crate::{policy::Compiled, sys};
+
+/// The eBPF object built from `zt-ebpf`, embedded at compile time.
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/zt"));
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoaderError {
+    #[error("cannot prepare {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("loading zt's eBPF object failed: {0} (is the kernel built with BPF cgroup support, and are we root?)")]
+    Load(#[from] aya::EbpfError),
+    #[error("program {hook}: {source}")]
+    Program {
+        hook: &'static str,
+        source: aya::programs::ProgramError,
+    },
+    #[error("map {map} is missing from the eBPF object or has the wrong type: {source}")]
+    Map { map: String, source: MapError },
+    #[error("pinned link {path}: {source}")]
+    Link {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("pinned zt state in {bpffs} guards a different cgroup than {cgroup}: run `ztctl unload --bpffs {bpffs}` first, or use another --bpffs directory")]
+    OtherCgroup { bpffs: PathBuf, cgroup: PathBuf },
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> LoaderError + '_ {
+    move |source| LoaderError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Where zt pins its state.
+#[derive(Clone, Debug)]
+pub struct Layout {
+    pub bpffs: PathBuf,
+}
+
+impl Layout {
+    pub fn maps_dir(&self) -> PathBuf {
+        self.bpffs.join("maps")
+    }
+    pub fn links_dir(&self) -> PathBuf {
+        self.bpffs.join("links")
+    }
+    pub fn link_path(&self, hook: Hook) -> PathBuf {
+        self.links_dir().join(hook.name())
+    }
+}
+
+/// The kernel attach type of a hook, for `BPF_PROG_QUERY`.
+pub fn attach_type(hook: Hook) -> u32 {
+    match hook {
+        Hook::Connect4 => 10,
+        Hook::Connect6 => 11,
+        Hook::Sendmsg4 => 14,
+        Hook::Sendmsg6 => 15,
+    }
+}
+
+/// What start-up found and did, per hook.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HookStart {
+    /// No pinned link: attached a new one.
+    Attached,
+    /// A pinned link was there: its program was replaced in place.
+    Replaced,
+}
+
+/// Programs loaded and attached, maps open.
+pub struct Loader {
+    ebpf: Ebpf,
+    layout: Layout,
+    cgroup: PathBuf,
+}
+
+/// Health of one hook as the kernel reports it.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct HookHealth {
+    pub hook: String,
+    pub attached: bool,
+    pub prog_id: u32,
+}
+
+impl Loader {
+    /// Load the programs against the pinned maps (creating them on first start).
+    pub fn load(
+        layout: &Layout,
+        cgroup: &Path,
+        offsets: KernelOffsets,
+    ) -> Result<Loader, LoaderError> {
+        let maps_dir = layout.maps_dir();
+        std::fs::create_dir_all(&maps_dir).map_err(io_err(&maps_dir))?;
+        let links_dir = layout.links_dir();
+        std::fs::create_dir_all(&links_dir).map_err(io_err(&links_dir))?;
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(&maps_dir)
+            .override_global("KERNEL_OFFSETS", &offsets, true)
+            .load(EBPF_OBJECT)?;
+        for hook in Hook::ALL {
+            let prog: &mut CgroupSockAddr = program(&mut ebpf, hook)?;
+            prog.load().map_err(|source| LoaderError::Program {
+                hook: hook.name(),
+                source,
+            })?;
+        }
+        Ok(Loader {
+            ebpf,
+            layout: layout.clone(),
+            cgroup: cgroup.to_path_buf(),
+        })
+    }
+
+    /// Attach every hook to the cgroup, or adopt the pinned link by replacing its program.
+    /// Call after a generation has been written. Refuses links that guard another cgroup.
+    pub fn attach_or_adopt(&mut self) -> Result<Vec<(Hook, HookStart)>, LoaderError> {
+        let cgroup_fd = sys::open_dir(&self.cgroup).map_err(io_err(&self.cgroup))?;
+        let mut report = Vec::new();
+        for hook in Hook::ALL {
+            let path = self.layout.link_path(hook);
+            let prog: &mut CgroupSockAddr = program(&mut self.ebpf, hook)?;
+            if path.exists() {
+                let link_fd = sys::obj_get(&path).map_err(|source| LoaderError::Link {
+                    path: path.clone(),
+                    source,
+                })?;
+                let old_prog = link_program_id(&path)?;
+                let attached_here = sys::prog_query(cgroup_fd.as_fd(), attach_type(hook))
+                    .map_err(io_err(&self.cgroup))?;
+                if !attached_here.contains(&old_prog) {
+                    return Err(LoaderError::OtherCgroup {
+                        bpffs: self.layout.bpffs.clone(),
+                        cgroup: self.cgroup.clone(),
+                    });
+                }
+                let prog_fd = prog.fd().map_err(|source| LoaderError::Program {
+                    hook: hook.name(),
+                    source,
+                })?;
+                sys::link_update(link_fd.as_fd(), prog_fd.as_fd())
+                    .map_err(|source| LoaderError::Link { path, source })?;
+                report.push((hook, HookStart::Replaced));
+            } else {
+                let id = prog
+                    .attach(&cgroup_fd, CgroupAttachMode::Single)
+                    .map_err(|source| LoaderError::Program {
+                        hook: hook.name(),
+                        source,
+                    })?;
+                let link = prog.take_link(id).map_err(|source| LoaderError::Program {
+                    hook: hook.name(),
+                    source,
+                })?;
+                let fd_link: FdLink =
+                    link.try_into()
+                        .map_err(|e: aya::programs::links::LinkError| LoaderError::Link {
+                            path: path.clone(),
+                            source: std::io::Error::other(e.to_string()),
+                        })?;
+                fd_link.pin(&path).map_err(|e| LoaderError::Link {
+                    path: path.clone(),
+                    source: std::io::Error::other(e.to_string()),
+                })?;
+                report.push((hook, HookStart::Attached));
+            }
+        }
+        Ok(report)
+    }
+
+    /// The slot programs read now, and its generation (0: nothing written yet).
+    pub fn active(&self) -> Result<(u32, SlotConfig), LoaderError> {
+        let active: Array<&MapData, ActiveSlot> = map(&self.ebpf, "ACTIVE")?;
+        let slot = active.get(&0, 0).map_err(map_err("ACTIVE"))?.slot.min(1);
+        let configs: Array<&MapData, SlotConfig> = map(&self.ebpf, "SLOT_CONFIG")?;
+        let cfg = configs.get(&slot, 0).map_err(map_err("SLOT_CONFIG"))?;
+        Ok((slot, cfg))
+    }
+
+    /// Write `compiled` into the idle slot as the next generation and flip to it.
+    /// Returns the new generation.
+    pub fn apply(&mut self, compiled: &Compiled, flags: u32) -> Result<u64, LoaderError> {
+        let (active_slot, active_cfg) = self.active()?;
+        // Before anything was written, slot 0 is "active" with generation 0: write slot 0.
+        let slot = if active_cfg.generation == 0 {
+            active_slot
+        } else {
+            1 - active_slot
+        };
+        let generation = active_cfg.generation + 1;
+
+        sync_hash::<ExeKey, u64>(&mut self.ebpf, &format!("EXE_{slot}"), &compiled.exes)?;
+        sync_hash::<u32, u64>(&mut self.ebpf, &format!("UID_{slot}"), &compiled.uids)?;
+        sync_hash::<u32, u64>(&mut self.ebpf, &format!("GID_{slot}"), &compiled.gids)?;
+        sync_hash::<u64, u64>(&mut self.ebpf, &format!("CGROUP_{slot}"), &compiled.cgroups)?;
+        sync_lpm::<4>(&mut self.ebpf, &format!("NET4_{slot}"), &compiled.net4)?;
+        sync_lpm::<16>(&mut self.ebpf, &format!("NET6_{slot}"), &compiled.net6)?;
+        sync_ports(&mut self.ebpf, &format!("PORTS_{slot}"), &compiled.ports)?;
+        sync_hash::<DecisionKey, DecisionValue>(
+            &mut self.ebpf,
+            &format!("DECISION_{slot}"),
+            &compiled.decisions,
+        )?;
+        sync_hash::<RuleOfKey, u32>(
+            &mut self.ebpf,
+            &format!("RULE_OF_{slot}"),
+            &compiled.rule_of,
+        )?;
+
+        let cfg = SlotConfig {
+            generation,
+            flags,
+            ..compiled.config
+        };
+        let mut configs: Array<&mut MapData, SlotConfig> = map_mut(&mut self.ebpf, "SLOT_CONFIG")?;
+        configs.set(slot, cfg, 0).map_err(map_err("SLOT_CONFIG"))?;
+        // Zero this slot's rule counters: rule ids mean something new in this generation.
+        let mut hits: PerCpuArray<&mut MapData, u64> = map_mut(&mut self.ebpf, "RULE_HITS")?;
+        for rule in 0..=cfg.rules.min(MAX_RULES - 1) {
+            let zeros =
+                aya::maps::PerCpuValues::try_from(vec![0u64; nr_cpus()]).map_err(|source| {
+                    LoaderError::Io {
+                        path: self.layout.maps_dir().join("RULE_HITS"),
+                        source,
+                    }
+                })?;
+            hits.set(slot * MAX_RULES + rule, zeros, 0)
+                .map_err(map_err("RULE_HITS"))?;
+        }
+
+        let mut active: Array<&mut MapData, ActiveSlot> = map_mut(&mut self.ebpf, "ACTIVE")?;
+        active
+            .set(0, ActiveSlot { slot, _pad: 0 }, 0)
+            .map_err(map_err("ACTIVE"))?;
+        Ok(generation)
+    }
+
+    /// Per-rule hit counters of the active generation (index = rule id, 0 = default).
+    pub fn rule_hits(&self) -> Result<Vec<u64>, LoaderError> {
+        let (slot, cfg) = self.active()?;
+        let hits: PerCpuArray<&MapData, u64> = map(&self.ebpf, "RULE_HITS")?;
+        (0..=cfg.rules.min(MAX_RULES - 1))
+            .map(|rule| {
+                hits.get(&(slot * MAX_RULES + rule), 0)
+                    .map(|v| v.iter().sum())
+                    .map_err(map_err("RULE_HITS"))
+            })
+            .collect()
+    }
+
+    /// Statistics counters summed over CPUs, indexed by [`Stat`].
+    pub fn stats(&self) -> Result<Vec<u64>, LoaderError> {
+        let stats: PerCpuArray<&MapData, u64> = map(&self.ebpf, "STATS")?;
+        (0..STAT_COUNT)
+            .map(|i| {
+                stats
+                    .get(&i, 0)
+                    .map(|v| v.iter().sum())
+                    .map_err(map_err("STATS"))
+            })
+            .collect()
+    }
+
+    pub fn stat(stats: &[u64], stat: Stat) -> u64 {
+        stats.get(stat as usize).copied().unwrap_or(0)
+    }
+
+    /// Health as the kernel reports it: each pinned link's program attached to the cgroup.
+    pub fn health(&self) -> Vec<HookHealth> {
+        health(&self.layout, &self.cgroup)
+    }
+
+    /// Take the event ring buffer (once).
+    pub fn take_events(&mut self) -> Option<aya::maps::Map> {
+        self.ebpf.take_map("EVENTS")
+    }
+
+    pub fn cgroup(&self) -> &Path {
+        &self.cgroup
+    }
+}
+
+/// Health of the pinned state in `layout` for `cgroup`, without a loaded object (used by
+/// `status` in the daemon and by tests).
+pub fn health(layout: &Layout, cgroup: &Path) -> Vec<HookHealth> {
+    let cgroup_fd = sys::open_dir(cgroup).ok();
+    Hook::ALL
+        .into_iter()
+        .map(|hook| {
+            let prog_id = link_program_id(&layout.link_path(hook)).unwrap_or(0);
+            let attached = prog_id != 0
+                && cgroup_fd
+                    .as_ref()
+                    .and_then(|fd| sys::prog_query(fd.as_fd(), attach_type(hook)).ok())
+                    .is_some_and(|ids| ids.contains(&prog_id));
+            HookHealth {
+                hook: hook.name().to_string(),
+                attached,
+                prog_id,
+            }
+        })
+        .collect()
+}
+
+/// The program id behind a pinned link.
+fn link_program_id(path: &Path) -> Result<u32, LoaderError> {
+    let link = PinnedLink::from_pin(path).map_err(|e| LoaderError::Link {
+        path: path.to_path_buf(),
+        source: std::io::Error::other(e.to_string()),
+    })?;
+    let fd_link: FdLink = link.into();
+    let info = fd_link.info().map_err(|e| LoaderError::Link {
+        path: path.to_path_buf(),
+        source: std::io::Error::other(e.to_string()),
+    })?;
+    Ok(info.program_id())
+}
+
+/// Detach and unpin everything zt pinned under `layout`. Works with no daemon running:
+/// removing a link's last pin (and fd) detaches it. Returns what was removed.
+pub fn unload(layout: &Layout) -> std::io::Result<Vec<PathBuf>> {
+    let mut removed = Vec::new();
+    for dir in [layout.links_dir(), layout.maps_dir()] {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries {
+            let path = entry?.path();
+            std::fs::remove_file(&path)?;
+            removed.push(path);
+        }
+        std::fs::remove_dir(&dir)?;
+    }
+    match std::fs::remove_dir(&layout.bpffs) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    Ok(removed)
+}
+
+pub fn nr_cpus() -> usize {
+    aya::util::nr_cpus().map(|n| n.max(1)).unwrap_or(1)
+}
+
+fn program(ebpf: &mut Ebpf, hook: Hook) -> Result<&mut CgroupSockAddr, LoaderError> {
+    ebpf.program_mut(hook.name())
+        .ok_or(LoaderError::Program {
+            hook: hook.name(),
+            source: aya::programs::ProgramError::NotLoaded,
+        })?
+        .try_into()
+        .map_err(|source| LoaderError::Program {
+            hook: hook.name(),
+            source,
+        })
+}
+
+fn map_err(name: &str) -> impl FnOnce(MapError) -> LoaderError + '_ {
+    move |source| LoaderError::Map {
+        map: name.to_string(),
+        source,
+    }
+}
+
+fn map<'a, T>(ebpf: &'a Ebpf, name: &str) -> Result<T, LoaderError>
+where
+    T: TryFrom<&'a aya::maps::Map, Error = MapError>,
+{
+    let m = ebpf.map(name).ok_or_else(|| LoaderError::Map {
+        map: name.to_string(),
+        source: MapError::InvalidName {
+            name: name.to_string(),
+        },
+    })?;
+    T::try_from(m).map_err(map_err(name))
+}
+
+fn map_mut<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<T, LoaderError>
+where
+    T: TryFrom<&'a mut aya::maps::Map, Error = MapError>,
+{
+    let m = ebpf.map_mut(name).ok_or_else(|| LoaderError::Map {
+        map: name.to_string(),
+        source: MapError::InvalidName {
+            name: name.to_string(),
+        },
+    })?;
+    T::try_from(m).map_err(map_err(name))
+}
+
+/// Make the hash map hold exactly `want`: delete stale keys, write changed values.
+fn sync_hash<K, V>(ebpf: &mut Ebpf, name: &str, want: &[(K, V)]) -> Result<(), LoaderError>
+where
+    K: Pod + Eq + Hash,
+    V: Pod + PartialEq,
+{
+    let mut m: HashMap<&mut MapData, K, V> = map_mut(ebpf, name)?;
+    let mut have: StdHashMap<K, V> = StdHashMap::new();
+    let keys: Vec<K> = m.keys().collect::<Result<_, _>>().map_err(map_err(name))?;
+    for k in keys {
+        if let Ok(v) = m.get(&k, 0) {
+            have.insert(k, v);
+        }
+    }
+    let want_keys: std::collections::HashSet<&K> = want.iter().map(|(k, _)| k).collect();
+    for k in have.keys() {
+        if !want_keys.contains(k) {
+            m.remove(k).map_err(map_err(name))?;
+        }
+    }
+    for (k, v) in want {
+        if have.get(k) != Some(v) {
+            m.insert(k, v, 0).map_err(map_err(name))?;
+        }
+    }
+    Ok(())
+}
+
+fn sync_lpm<const N: usize>(
+    ebpf: &mut Ebpf,
+    name: &str,
+    want: &[(u32, [u8; N], u32)],
+) -> Result<(), LoaderError>
+where
+    [u8; N]: Pod,
+{
+    let mut m: LpmTrie<&mut MapData, [u8; N], u32> = map_mut(ebpf, name)?;
+    let keys: Vec<Key<[u8; N]>> = m.keys().collect::<Result<_, _>>().map_err(map_err(name))?;
+    let mut have: StdHashMap<(u32, [u8; N]), u32> = StdHashMap::new();
+    for k in keys {
+        if let Ok(v) = m.get(&k, 0) {
+            have.insert((k.prefix_len(), k.data()), v);
+        }
+    }
+    let want_map: StdHashMap<(u32, [u8; N]), u32> = want
+        .iter()
+        .map(|(len, addr, class)| ((*len, *addr), *class))
+        .collect();
+    for (len, addr) in have.keys() {
+        if !want_map.contains_key(&(*len, *addr)) {
+            m.remove(&Key::new(*len, *addr)).map_err(map_err(name))?;
+        }
+    }
+    for ((len, addr), class) in &want_map {
+        if have.get(&(*len, *addr)) != Some(class) {
+            m.insert(&Key::new(*len, *addr), class, 0)
+                .map_err(map_err(name))?;
+        }
+    }
+    Ok(())
+}
+
+fn sync_ports(ebpf: &mut Ebpf, name: &str, want: &[u32]) -> Result<(), LoaderError> {
+    let mut m: Array<&mut MapData, u32> = map_mut(ebpf, name)?;
+    for index in 0..PORT_PROTOS * PORTS_PER_PROTO {
+        let value = want.get(index as usize).copied().unwrap_or(0);
+        if m.get(&index, 0).map_err(map_err(name))? != value {
+            m.set(index, value, 0).map_err(map_err(name))?;
+        }
+    }
+    Ok(())
+}
