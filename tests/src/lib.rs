@@ -355,10 +355,54 @@ impl Harness {
         call.run(&self.probe)
     }
 
+    /// `bind()` (tcp: and `listen()`) from inside the guarded cgroup.
+    pub fn bind(&self, proto: &str, addr: SocketAddr) -> String {
+        self.probe_out(&[
+            "bind",
+            "--proto",
+            proto,
+            "--addr",
+            &addr.to_string(),
+            "--cgroup",
+            &self.cgroup.path.display().to_string(),
+        ])
+    }
+
+    /// Create a raw or ICMP socket from inside the guarded cgroup with primary group `gid`
+    /// in network namespace `netns`, optionally pinging `ping`.
+    pub fn socket(&self, kind: &str, gid: u32, netns: &Path, ping: Option<&str>) -> String {
+        let gid = gid.to_string();
+        let cg = self.cgroup.path.display().to_string();
+        let ns = netns.display().to_string();
+        let mut args = vec![
+            "socket", "--kind", kind, "--cgroup", &cg, "--gid", &gid, "--netns", &ns,
+        ];
+        if let Some(p) = ping {
+            args.extend(["--ping", p]);
+        }
+        self.probe_out(&args)
+    }
+
+    fn probe_out(&self, args: &[&str]) -> String {
+        let out = Command::new(&self.probe)
+            .args(args)
+            .output()
+            .expect("run zt-probe");
+        let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        if text.is_empty() {
+            format!(
+                "error:no output; stderr: {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        } else {
+            text
+        }
+    }
+
     /// Ids of the programs the kernel has attached to the guarded cgroup, per hook.
     pub fn attached_programs(&self) -> Vec<Vec<u32>> {
         let fd = sys::open_dir(&self.cgroup.path).expect("open cgroup");
-        zt_common::Hook::ALL
+        zt::loader::CGROUP_HOOKS
             .into_iter()
             .map(|h| {
                 sys::prog_query(std::os::fd::AsFd::as_fd(&fd), loader::attach_type(h))
@@ -413,6 +457,10 @@ impl Call {
         self.args.push("--unconnected".into());
         self
     }
+    /// Connect from this source address.
+    pub fn src(self, ip: &str) -> Call {
+        self.arg("--src", ip)
+    }
     pub fn mapped(mut self) -> Call {
         self.args.push("--mapped".into());
         self
@@ -448,9 +496,24 @@ pub struct Server {
 impl Server {
     /// Serve on `bind` addresses; `ports` 0 picks free ones.
     pub fn start(probe: &Path, bind: &[&str], ports: &[u16], netns: Option<&Path>) -> Server {
+        Server::start_in(probe, bind, ports, netns, None)
+    }
+
+    /// Like [`Server::start`], from inside `cgroup` (a guarded listener).
+    pub fn start_in(
+        probe: &Path,
+        bind: &[&str],
+        ports: &[u16],
+        netns: Option<&Path>,
+        cgroup: Option<&Path>,
+    ) -> Server {
         let mut cmd = Command::new(probe);
-        cmd.arg("serve")
-            .arg("--bind")
+        if let Some(cg) = cgroup {
+            cmd.arg("serve").arg("--cgroup").arg(cg);
+        } else {
+            cmd.arg("serve");
+        }
+        cmd.arg("--bind")
             .arg(bind.join(","))
             .arg("--ports")
             .arg(
@@ -520,7 +583,7 @@ impl NetPair {
         require_root();
         let n = NEXT_ID.fetch_add(1, Ordering::Relaxed);
         let tag = format!("{}{}", std::process::id() % 100_000, n);
-        let x = ((std::process::id() as u8) ^ (n as u8 * 37)) % 250 + 1;
+        let x = ((std::process::id() as u8) ^ (n as u8).wrapping_mul(37)) % 250 + 1;
         let pair = NetPair {
             a: format!("zta{tag}"),
             b: format!("ztb{tag}"),
@@ -574,6 +637,27 @@ impl NetPair {
         pair
     }
 
+    /// Let every group open ICMP echo ("ping") sockets in namespace `a` (a per-namespace
+    /// sysctl).
+    pub fn allow_ping_sockets_in_a(&self) {
+        let out = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &self.a,
+                "sysctl",
+                "-qw",
+                "net.ipv4.ping_group_range=0 2147483647",
+            ])
+            .output()
+            .expect("sysctl");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     pub fn path_a(&self) -> PathBuf {
         Path::new("/run/netns").join(&self.a)
     }
@@ -605,5 +689,490 @@ impl Drop for NetPair {
         for ns in [&self.a, &self.b] {
             let _ = Command::new("ip").args(["netns", "del", ns]).output();
         }
+    }
+}
+
+/// A UDP socket connected by a process in the guarded cgroup (possibly before zt started);
+/// `send()` makes it send one datagram and returns the outcome. Killed on drop.
+pub struct Held {
+    child: Child,
+    stdin: std::process::ChildStdin,
+    stdout: BufReader<std::process::ChildStdout>,
+}
+
+impl Held {
+    pub fn connect(probe: &Path, cgroup: &Path, addr: SocketAddr) -> Held {
+        let mut child = Command::new(probe)
+            .args(["hold", "--addr", &addr.to_string(), "--cgroup"])
+            .arg(cgroup)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn hold");
+        let stdin = child.stdin.take().expect("stdin");
+        let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
+        let mut line = String::new();
+        let _ = stdout.read_line(&mut line);
+        assert_eq!(line.trim(), "ready", "hold did not connect");
+        Held {
+            child,
+            stdin,
+            stdout,
+        }
+    }
+
+    pub fn send(&mut self) -> String {
+        use std::io::Write;
+        let _ = self.stdin.write_all(b"go\n");
+        let _ = self.stdin.flush();
+        let mut line = String::new();
+        let _ = self.stdout.read_line(&mut line);
+        line.trim().to_string()
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+// =============================================================================================
+// XDP front door (tests/tests/xdp.rs): running ztd inside a network namespace, sockets in a
+// namespace from a dedicated thread, the policy + program fixture for BPF_PROG_TEST_RUN, and
+// a frame builder.
+// =============================================================================================
+
+impl NetPair {
+    /// The veth end in the client namespace `a`.
+    pub fn veth_a(&self) -> String {
+        format!("va{}", self.a.trim_start_matches("zta"))
+    }
+    /// The veth end in the server namespace `b`.
+    pub fn veth_b(&self) -> String {
+        format!("vb{}", self.b.trim_start_matches("ztb"))
+    }
+}
+
+impl Harness {
+    /// Start `ztd` inside the network namespace `netns` (joined with setns between fork and
+    /// exec: the mount namespace, and so bpffs, stays the same) and wait until it answers.
+    /// XDP attaches by ifindex in the daemon's own namespace, so `--xdp` then names an
+    /// interface of `netns`, never one of the main namespace.
+    pub fn start_ztd_in_netns(&self, netns: &Path, extra: &[&str]) -> Ztd {
+        let ztd = self.spawn_ztd_in_netns(netns, extra);
+        self.wait_ready(ztd, Instant::now() + Duration::from_secs(30))
+    }
+
+    /// Like [`Harness::start_ztd_in_netns`], without waiting.
+    pub fn spawn_ztd_in_netns(&self, netns: &Path, extra: &[&str]) -> Ztd {
+        use std::os::{fd::AsRawFd, unix::process::CommandExt};
+        let ns =
+            std::fs::File::open(netns).unwrap_or_else(|e| panic!("open {}: {e}", netns.display()));
+        let ns_fd = ns.as_raw_fd();
+        let mut cmd = self.ztd_command(extra);
+        // SAFETY: setns is async-signal-safe; the fd stays open in the parent until spawn
+        // returns (it is close-on-exec, so ztd does not inherit it).
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::setns(ns_fd, libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn ztd in netns");
+        drop(ns);
+        let output = Arc::new(Mutex::new(Vec::new()));
+        for stream in [
+            child
+                .stdout
+                .take()
+                .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+            child
+                .stderr
+                .take()
+                .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            let output = Arc::clone(&output);
+            std::thread::spawn(move || {
+                for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                    if let Ok(mut o) = output.lock() {
+                        o.push(line);
+                    }
+                }
+            });
+        }
+        Ztd {
+            child: Some(child),
+            output,
+            socket: self.socket.clone(),
+        }
+    }
+
+    /// Compile `policy` (one file's text) as ztd would, write it into this harness's pins as
+    /// a generation with `flags` (`zt_common::FLAG_*`), and load the XDP program against
+    /// the same pins — nothing is attached anywhere: run it with `XdpFixture::run`.
+    pub fn xdp_fixture(&self, policy: &str, flags: u32) -> XdpFixture {
+        let root = sys::cgroup2_root().expect("cgroup2 mount");
+        let resolver = zt::policy::SystemResolver { cgroup_root: root };
+        let sources = vec![(self.policy_dir.path().join("p.toml"), policy.to_string())];
+        let (policy, _warnings) =
+            zt::policy::load_sources(&sources, &resolver).unwrap_or_else(|d| {
+                panic!(
+                    "policy refused:\n{}",
+                    d.iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                )
+            });
+        let compiled = zt::policy::compile(&policy).expect("compile");
+        let layout = Layout {
+            bpffs: self.pins.path.clone(),
+        };
+        sys::ensure_bpffs(&layout.bpffs).expect("bpffs");
+        let offsets = zt::btf::kernel_offsets().expect("kernel offsets");
+        // The cgroup programs are loaded, not attached: only `attach_or_adopt` attaches.
+        let mut loader =
+            zt::loader::Loader::load(&layout, &self.cgroup.path, offsets).expect("load");
+        loader.apply(&compiled, flags).expect("apply");
+        let front = zt::xdp::XdpFront::load(&layout).expect("load XDP");
+        XdpFixture {
+            _loader: loader,
+            front,
+            compiled,
+        }
+    }
+
+    /// The XDP program alone on this harness's (empty) pins: no policy written.
+    pub fn xdp_without_policy(&self) -> zt::xdp::XdpFront {
+        let layout = Layout {
+            bpffs: self.pins.path.clone(),
+        };
+        sys::ensure_bpffs(&layout.bpffs).expect("bpffs");
+        zt::xdp::XdpFront::load(&layout).expect("load XDP")
+    }
+}
+
+/// A policy generation in pinned maps and the XDP program loaded against them.
+pub struct XdpFixture {
+    _loader: zt::loader::Loader,
+    pub front: zt::xdp::XdpFront,
+    pub compiled: zt::policy::Compiled,
+}
+
+impl XdpFixture {
+    /// Run the program on `frame`: the XDP action and what it counted (summed over CPUs).
+    pub fn run(&self, frame: &[u8]) -> (u32, zt::xdp::XdpCounters) {
+        let before = self.front.total_counters().expect("counters");
+        let action = self.front.test_run(frame).expect("BPF_PROG_TEST_RUN");
+        let after = self.front.total_counters().expect("counters");
+        (action, counters_delta(&before, &after))
+    }
+
+    /// The id of the rule whose summary is `summary`.
+    pub fn rule_id(&self, summary: &str) -> u32 {
+        self.compiled
+            .rules
+            .iter()
+            .find(|r| r.summary() == summary)
+            .map(|r| r.id)
+            .unwrap_or_else(|| {
+                panic!(
+                    "no rule {summary:?}; rules: {:?}",
+                    self.compiled
+                        .rules
+                        .iter()
+                        .map(|r| r.summary())
+                        .collect::<Vec<_>>()
+                )
+            })
+    }
+}
+
+/// `after - before`, field by field.
+pub fn counters_delta(
+    before: &zt::xdp::XdpCounters,
+    after: &zt::xdp::XdpCounters,
+) -> zt::xdp::XdpCounters {
+    zt::xdp::XdpCounters {
+        passed: after.passed - before.passed,
+        dropped_deny_list: after.dropped_deny_list - before.dropped_deny_list,
+        dropped_closed_port: after.dropped_closed_port - before.dropped_closed_port,
+        dropped_malformed: after.dropped_malformed - before.dropped_malformed,
+        passed_not_judged: after.passed_not_judged - before.passed_not_judged,
+        no_policy: after.no_policy - before.no_policy,
+        audited: after.audited - before.audited,
+        events_sent: after.events_sent - before.events_sent,
+        events_lost: after.events_lost - before.events_lost,
+        events_skipped: after.events_skipped - before.events_skipped,
+    }
+}
+
+/// Run `f` on a new thread that has joined the network namespace `netns` (setns changes only
+/// the calling thread's namespace; the test's other threads stay where they are).
+pub fn in_netns<T: Send + 'static>(netns: &Path, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let path = netns.to_path_buf();
+    std::thread::spawn(move || {
+        let ns =
+            std::fs::File::open(&path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+        nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
+            .unwrap_or_else(|e| panic!("setns {}: {e}", path.display()));
+        f()
+    })
+    .join()
+    .expect("netns thread")
+}
+
+fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: an all-zero sockaddr_storage is valid.
+    let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let len = match addr {
+        SocketAddr::V4(a) => {
+            // SAFETY: sockaddr_storage is large and aligned enough for sockaddr_in.
+            let sin = unsafe { &mut *(&mut ss as *mut _ as *mut libc::sockaddr_in) };
+            sin.sin_family = libc::AF_INET as libc::sa_family_t;
+            sin.sin_port = a.port().to_be();
+            sin.sin_addr.s_addr = u32::from_ne_bytes(a.ip().octets());
+            std::mem::size_of::<libc::sockaddr_in>()
+        }
+        SocketAddr::V6(a) => {
+            // SAFETY: sockaddr_storage is large and aligned enough for sockaddr_in6.
+            let sin6 = unsafe { &mut *(&mut ss as *mut _ as *mut libc::sockaddr_in6) };
+            sin6.sin6_family = libc::AF_INET6 as libc::sa_family_t;
+            sin6.sin6_port = a.port().to_be();
+            sin6.sin6_addr.s6_addr = a.ip().octets();
+            std::mem::size_of::<libc::sockaddr_in6>()
+        }
+    };
+    (ss, len as libc::socklen_t)
+}
+
+/// TCP connect from `src` (address and port; port 0 picks an ephemeral one) to `dst` in the
+/// network namespace `netns`: `ok`, `refused`, `timeout` (nothing came back within
+/// `timeout`) or `error:...`.
+pub fn tcp_connect_from(
+    netns: &Path,
+    src: SocketAddr,
+    dst: SocketAddr,
+    timeout: Duration,
+) -> String {
+    in_netns(netns, move || {
+        let family = if dst.is_ipv4() {
+            libc::AF_INET
+        } else {
+            libc::AF_INET6
+        };
+        // SAFETY: plain socket calls on a descriptor this closure owns and closes.
+        unsafe {
+            let fd = libc::socket(
+                family,
+                libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+                0,
+            );
+            if fd < 0 {
+                return format!("error:socket: {}", std::io::Error::last_os_error());
+            }
+            let fd = <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd);
+            let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
+            let one: libc::c_int = 1;
+            libc::setsockopt(
+                raw,
+                libc::SOL_SOCKET,
+                libc::SO_REUSEADDR,
+                &one as *const _ as *const libc::c_void,
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            );
+            let (s, slen) = sockaddr(src);
+            if libc::bind(raw, &s as *const _ as *const libc::sockaddr, slen) != 0 {
+                return format!("error:bind {src}: {}", std::io::Error::last_os_error());
+            }
+            let (d, dlen) = sockaddr(dst);
+            if libc::connect(raw, &d as *const _ as *const libc::sockaddr, dlen) != 0 {
+                let e = std::io::Error::last_os_error();
+                if e.raw_os_error() != Some(libc::EINPROGRESS) {
+                    return format!("error:connect: {e}");
+                }
+            }
+            let mut pfd = libc::pollfd {
+                fd: raw,
+                events: libc::POLLOUT,
+                revents: 0,
+            };
+            let n = libc::poll(&mut pfd, 1, timeout.as_millis() as libc::c_int);
+            if n == 0 {
+                return "timeout".to_string();
+            }
+            let mut err: libc::c_int = 0;
+            let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+            libc::getsockopt(
+                raw,
+                libc::SOL_SOCKET,
+                libc::SO_ERROR,
+                &mut err as *mut _ as *mut libc::c_void,
+                &mut len,
+            );
+            match err {
+                0 => "ok".to_string(),
+                libc::ECONNREFUSED => "refused".to_string(),
+                libc::ETIMEDOUT => "timeout".to_string(),
+                e => format!("error:{}", std::io::Error::from_raw_os_error(e)),
+            }
+        }
+    })
+}
+
+/// Ethernet frames for `BPF_PROG_TEST_RUN`, built header by header (checksums are left
+/// zero: the XDP program does not read them).
+pub mod frames {
+    pub const ETH_P_IP: u16 = 0x0800;
+    pub const ETH_P_IPV6: u16 = 0x86dd;
+    pub const ETH_P_ARP: u16 = 0x0806;
+    pub const ETH_P_8021Q: u16 = 0x8100;
+    pub const ETH_P_8021AD: u16 = 0x88a8;
+
+    pub const HOPOPTS: u8 = 0;
+    pub const ICMP: u8 = 1;
+    pub const TCP: u8 = 6;
+    pub const UDP: u8 = 17;
+    pub const ROUTING: u8 = 43;
+    pub const FRAGMENT: u8 = 44;
+    pub const ICMPV6: u8 = 58;
+    pub const DSTOPTS: u8 = 60;
+
+    /// Ethernet header with VLAN tags (`tags` are their TPIDs, outermost first).
+    pub fn eth(tags: &[u16], ethertype: u16) -> Vec<u8> {
+        let mut f = vec![0x02, 0, 0, 0, 0, 0x01, 0x02, 0, 0, 0, 0, 0x02];
+        for (i, tpid) in tags.iter().enumerate() {
+            f.extend(tpid.to_be_bytes());
+            f.extend((100 + i as u16).to_be_bytes());
+        }
+        f.extend(ethertype.to_be_bytes());
+        f
+    }
+
+    /// An IPv4 header (IHL 5, total length right) and its payload.
+    pub fn ipv4(src: [u8; 4], dst: [u8; 4], proto: u8, payload: &[u8]) -> Vec<u8> {
+        ipv4_raw(src, dst, proto, payload, 5, None, 0)
+    }
+
+    /// An IPv4 header with IHL `ihl` (options zero-filled when above 5; a 20-byte header is
+    /// written whatever `ihl` says), total length `total` (default: right) and the
+    /// flags/fragment-offset word `frag`.
+    pub fn ipv4_raw(
+        src: [u8; 4],
+        dst: [u8; 4],
+        proto: u8,
+        payload: &[u8],
+        ihl: u8,
+        total: Option<u16>,
+        frag: u16,
+    ) -> Vec<u8> {
+        let header = 20.max(ihl as usize * 4);
+        let total = total.unwrap_or((header + payload.len()) as u16);
+        let mut p = vec![0x40 | (ihl & 0x0f), 0];
+        p.extend(total.to_be_bytes());
+        p.extend([0, 1]);
+        p.extend(frag.to_be_bytes());
+        p.extend([64, proto, 0, 0]);
+        p.extend(src);
+        p.extend(dst);
+        p.resize(header, 0);
+        p.extend(payload);
+        p
+    }
+
+    /// An IPv6 header (payload length right) and its payload.
+    pub fn ipv6(src: [u8; 16], dst: [u8; 16], next: u8, payload: &[u8]) -> Vec<u8> {
+        ipv6_raw(src, dst, next, payload, payload.len() as u16)
+    }
+
+    /// An IPv6 header claiming payload length `plen`.
+    pub fn ipv6_raw(src: [u8; 16], dst: [u8; 16], next: u8, payload: &[u8], plen: u16) -> Vec<u8> {
+        let mut p = vec![0x60, 0, 0, 0];
+        p.extend(plen.to_be_bytes());
+        p.extend([next, 64]);
+        p.extend(src);
+        p.extend(dst);
+        p.extend(payload);
+        p
+    }
+
+    /// An 8-byte hop-by-hop, destination-options or routing header (PadN filled).
+    pub fn ext(next: u8) -> Vec<u8> {
+        vec![next, 0, 1, 4, 0, 0, 0, 0]
+    }
+
+    /// A longer options header: `(len + 1) * 8` bytes.
+    pub fn ext_len(next: u8, len: u8) -> Vec<u8> {
+        let mut e = vec![next, len, 1, (len as usize * 8 + 4) as u8];
+        e.resize((len as usize + 1) * 8, 0);
+        e
+    }
+
+    /// An IPv6 fragment header at `offset` (in 8-byte units).
+    pub fn frag6(next: u8, offset: u16, more: bool) -> Vec<u8> {
+        let mut e = vec![next, 0];
+        e.extend(((offset << 3) | u16::from(more)).to_be_bytes());
+        e.extend([0, 0, 0, 7]);
+        e
+    }
+
+    /// A TCP SYN header (data offset 5).
+    pub fn tcp(sport: u16, dport: u16) -> Vec<u8> {
+        tcp_raw(sport, dport, 5)
+    }
+
+    /// A TCP SYN header claiming data offset `doff` (20 bytes written).
+    pub fn tcp_raw(sport: u16, dport: u16, doff: u8) -> Vec<u8> {
+        let mut t = Vec::new();
+        t.extend(sport.to_be_bytes());
+        t.extend(dport.to_be_bytes());
+        t.extend([0, 0, 0, 1, 0, 0, 0, 0]);
+        t.extend([doff << 4, 0x02, 0xff, 0xff, 0, 0, 0, 0]);
+        t
+    }
+
+    /// A UDP header (length right) and payload.
+    pub fn udp(sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
+        udp_raw(sport, dport, payload, (8 + payload.len()) as u16)
+    }
+
+    /// A UDP header claiming length `len`.
+    pub fn udp_raw(sport: u16, dport: u16, payload: &[u8], len: u16) -> Vec<u8> {
+        let mut u = Vec::new();
+        u.extend(sport.to_be_bytes());
+        u.extend(dport.to_be_bytes());
+        u.extend(len.to_be_bytes());
+        u.extend([0, 0]);
+        u.extend(payload);
+        u
+    }
+
+    /// An ICMP (or ICMPv6) echo request.
+    pub fn echo(icmp_type: u8) -> Vec<u8> {
+        vec![icmp_type, 0, 0, 0, 0, 1, 0, 1]
+    }
+
+    /// An ARP request (Ethernet/IPv4).
+    pub fn arp() -> Vec<u8> {
+        let mut a = vec![0, 1, 8, 0, 6, 4, 0, 1];
+        a.extend([0x02, 0, 0, 0, 0, 0x02, 192, 0, 2, 10]);
+        a.extend([0, 0, 0, 0, 0, 0, 198, 51, 100, 1]);
+        a
+    }
+
+    /// The concatenation of `parts`.
+    pub fn cat(parts: &[&[u8]]) -> Vec<u8> {
+        parts.concat()
     }
 }

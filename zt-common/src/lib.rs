@@ -62,6 +62,15 @@ pub const NET_CLASS_FIRST: u32 = 16;
 pub const PORT_CLASS_ALL_TCP: u32 = 1;
 pub const PORT_CLASS_ALL_UDP: u32 = 2;
 pub const PORT_CLASS_ALL_OTHER: u32 = 3;
+/// Port class of ICMP and ICMPv6 (echo "ping" sockets, raw ICMP): `proto = "icmp"`.
+pub const PORT_CLASS_ALL_ICMP: u32 = 4;
+
+/// OR'ed into `DecisionKey::port_class` for ingress rules: `peer` is the remote source, the
+/// port is the local port. Egress entries never carry it.
+pub const INGRESS: u32 = 1 << 31;
+/// Net class of bind grants: `(NET_CLASS_BIND, port class | INGRESS)` holds in `allow` the
+/// identities that some ingress allow rule lets listen on that port (whatever the peer).
+pub const NET_CLASS_BIND: u32 = 3;
 /// First port class the compiler hands out for port ranges.
 pub const PORT_CLASS_FIRST: u32 = 16;
 
@@ -75,6 +84,7 @@ pub enum Proto {
     Tcp = 0,
     Udp = 1,
     Other = 2,
+    Icmp = 3,
 }
 
 /// Which hook made a decision. Stable codes.
@@ -85,14 +95,27 @@ pub enum Hook {
     Connect6 = 2,
     Sendmsg4 = 3,
     Sendmsg6 = 4,
+    Bind4 = 5,
+    Bind6 = 6,
+    SockCreate = 7,
+    SkbIngress = 8,
+    SkbEgress = 9,
+    Xdp = 10,
 }
 
 impl Hook {
-    pub const ALL: [Hook; 4] = [
+    /// Every hook, in code order.
+    pub const ALL: [Hook; 10] = [
         Hook::Connect4,
         Hook::Connect6,
         Hook::Sendmsg4,
         Hook::Sendmsg6,
+        Hook::Bind4,
+        Hook::Bind6,
+        Hook::SockCreate,
+        Hook::SkbIngress,
+        Hook::SkbEgress,
+        Hook::Xdp,
     ];
 
     pub fn from_code(code: u8) -> Option<Hook> {
@@ -106,6 +129,12 @@ impl Hook {
             Hook::Connect6 => "connect6",
             Hook::Sendmsg4 => "sendmsg4",
             Hook::Sendmsg6 => "sendmsg6",
+            Hook::Bind4 => "bind4",
+            Hook::Bind6 => "bind6",
+            Hook::SockCreate => "sock_create",
+            Hook::SkbIngress => "skb_ingress",
+            Hook::SkbEgress => "skb_egress",
+            Hook::Xdp => "xdp",
         }
     }
 }
@@ -148,6 +177,11 @@ pub enum Stat {
     EventLost = 6,
     /// Events successfully submitted to the ring buffer.
     EventSent = 7,
+    /// cgroup_skb: a packet's headers could not be read; passed (the sock_addr and bind
+    /// hooks already judged its socket).
+    SkbUnparsed = 8,
+    /// cgroup_skb: packets dropped by the ingress or egress backstop.
+    SkbDropped = 9,
 }
 
 /// Number of entries in the statistics array.
@@ -186,7 +220,15 @@ pub struct SlotConfig {
     pub flags: u32,
     /// Number of rules of this generation (rule ids are 1..=rules).
     pub rules: u32,
-    pub _pad: u32,
+    /// Ephemeral port range (`net.ipv4.ip_local_port_range`): the XDP front door lets TCP/UDP
+    /// to these ports pass (replies to our own egress; the cgroup_skb ingress hook judges
+    /// them per socket).
+    pub ephemeral_low: u16,
+    pub ephemeral_high: u16,
+    /// Identities allowed raw sockets (`raw = true`).
+    pub raw_identities: IdentityMask,
+    /// Identities allowed ICMP sockets: `raw = true` or some rule with `proto = "icmp"`.
+    pub icmp_identities: IdentityMask,
 }
 
 /// Key of the exe map: the executable's device (kernel encoding `major << 20 | minor`)
@@ -253,6 +295,65 @@ pub struct KernelOffsets {
     pub _pad: u32,
 }
 
+/// Who owns a guarded socket: captured in socket storage when it connects, sends or binds
+/// (and inherited by accepted sockets), so packets are judged by the socket's owner, never by
+/// whatever task happens to be current. Also caches the last packet verdict per generation.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SocketOwner {
+    pub exe: ExeKey,
+    pub uid: u32,
+    pub gid: u32,
+    pub cgroup_id: u64,
+    /// Local port the owner bound explicitly (host order); 0 = none (a client socket).
+    pub bound_port: u16,
+    /// Peer port of the cached verdict (host order).
+    pub cache_port: u16,
+    /// `CACHE_*` direction of the cached verdict (0: nothing cached).
+    pub cache_dir: u8,
+    /// `Verdict` code of the cached verdict.
+    pub cache_verdict: u8,
+    pub _pad: [u8; 2],
+    /// Generation the cached verdict was made in: a new generation invalidates it.
+    pub cache_generation: u64,
+    /// Peer address of the cached verdict (IPv4 in the first four bytes).
+    pub cache_peer: [u8; 16],
+}
+
+/// Directions of a cached packet verdict.
+pub const CACHE_EGRESS: u8 = 1;
+pub const CACHE_INGRESS: u8 = 2;
+
+/// Indexes of the per-CPU XDP counters. Stable codes.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum XdpStat {
+    Passed = 0,
+    /// Source in a host-wide ingress deny list.
+    DroppedDenyList = 1,
+    /// TCP/UDP to a port no ingress rule opens (and outside the ephemeral range).
+    DroppedClosedPort = 2,
+    /// Truncated or malformed headers: dropped.
+    DroppedMalformed = 3,
+    /// Not IP, or IP without TCP/UDP ports (ICMP, fragments after the first): passed to the
+    /// stack, which the cgroup hooks guard.
+    PassedNotJudged = 4,
+    /// No readable policy: passed (the front door is an optimisation, the cgroup hooks
+    /// decide), counted.
+    NoPolicy = 5,
+    /// Deny events sent (sampled) and lost.
+    EventSent = 6,
+    EventLost = 7,
+    /// Would have been dropped (a deny-list entry of an audit file, or `--mode audit`, or a
+    /// closed port while audit identities exist): passed and counted.
+    Audited = 8,
+    /// Deny and audit events not sent because of sampling (per-CPU token bucket).
+    EventSkipped = 9,
+}
+
+/// Number of entries in the XDP statistics array (room to append codes).
+pub const XDP_STAT_COUNT: u32 = 16;
+
 /// Event kinds. Stable codes.
 pub const EVENT_DECISION: u16 = 1;
 
@@ -301,4 +402,5 @@ mod pod {
     unsafe impl aya::Pod for RuleOfKey {}
     unsafe impl aya::Pod for KernelOffsets {}
     unsafe impl aya::Pod for DecisionEvent {}
+    unsafe impl aya::Pod for SocketOwner {}
 }

@@ -11,6 +11,7 @@ pub fn connect4(ctx: SockAddrContext) -> i32 {
     // SAFETY: the kernel hands every sock_addr program a valid context.
     let sa = unsafe { &*ctx.sock_addr };
     judge(
+        &ctx,
         Hook::Connect4,
         &Destination::v4(sa.user_ip4, sa.user_port, sa.protocol),
     )

@@ -12,6 +12,7 @@ pub fn connect6(ctx: SockAddrContext) -> i32 {
     // SAFETY: the kernel hands every sock_addr program a valid context.
     let sa = unsafe { &*ctx.sock_addr };
     judge(
+        &ctx,
         Hook::Connect6,
         &Destination::v6(sa.user_ip6, sa.user_port, sa.protocol),
     )

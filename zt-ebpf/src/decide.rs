@@ -2,22 +2,25 @@
 //! map lookups whatever the size of the policy. See zt-common's crate doc for the scheme.
 
 use aya_ebpf::{
+    bindings::{bpf_sock, BPF_SK_STORAGE_GET_F_CREATE},
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid,
-        generated::{bpf_get_current_cgroup_id, bpf_ktime_get_ns},
+        generated::{bpf_get_current_cgroup_id, bpf_ktime_get_ns, bpf_sk_storage_get},
     },
     maps::lpm_trie::Key,
+    programs::SockAddrContext,
 };
 use zt_common::{
-    DecisionEvent, DecisionKey, ExeKey, Hook, IdentityMask, Proto, RuleOfKey, SlotConfig, Stat,
-    Verdict, EVENT_DECISION, FLAG_GLOBAL_AUDIT, FLAG_LOG_ALLOWED, MAX_RULES, NET_CLASS_ANY4,
-    NET_CLASS_ANY6, PORTS_PER_PROTO, PORT_CLASS_ALL_OTHER, PORT_CLASS_ALL_TCP, PORT_CLASS_ALL_UDP,
+    DecisionEvent, DecisionKey, ExeKey, Hook, IdentityMask, Proto, RuleOfKey, SlotConfig,
+    SocketOwner, Stat, Verdict, EVENT_DECISION, FLAG_GLOBAL_AUDIT, FLAG_LOG_ALLOWED, INGRESS,
+    MAX_RULES, NET_CLASS_ANY4, NET_CLASS_ANY6, NET_CLASS_BIND, PORTS_PER_PROTO,
+    PORT_CLASS_ALL_ICMP, PORT_CLASS_ALL_OTHER, PORT_CLASS_ALL_TCP, PORT_CLASS_ALL_UDP,
     RULE_DEFAULT, RULE_KIND_ALLOW, RULE_KIND_AUDIT_DENY, RULE_KIND_DENY,
 };
 
 use crate::{
-    identity::Caller,
-    maps::{Slot, Slot0, Slot1, ACTIVE, EVENTS, RULE_HITS, SLOT_CONFIG, STATS},
+    identity::{current_ancestor, Caller},
+    maps::{Slot, Slot0, Slot1, ACTIVE, EVENTS, OWNERS, RULE_HITS, SLOT_CONFIG, STATS},
 };
 
 /// What a sock_addr program returns to let the call proceed.
@@ -25,8 +28,10 @@ pub const SOCK_ADDR_PROCEED: i32 = 1;
 /// What a sock_addr program returns to fail the call with EPERM.
 pub const SOCK_ADDR_REJECT: i32 = 0;
 
+const IPPROTO_ICMP: u32 = 1;
 const IPPROTO_TCP: u32 = 6;
 const IPPROTO_UDP: u32 = 17;
+const IPPROTO_ICMPV6: u32 = 58;
 
 /// Where the caller wants to go, as judged: IPv4-mapped IPv6 is unmapped to IPv4.
 pub struct Destination {
@@ -88,32 +93,96 @@ fn proto_of(protocol: u32) -> Proto {
     match protocol {
         IPPROTO_TCP => Proto::Tcp,
         IPPROTO_UDP => Proto::Udp,
+        IPPROTO_ICMP | IPPROTO_ICMPV6 => Proto::Icmp,
         _ => Proto::Other,
     }
 }
 
 #[inline(always)]
-fn count(stat: Stat) {
+pub fn count(stat: Stat) {
     if let Some(p) = STATS.get_ptr_mut(stat as u32) {
         // SAFETY: per-CPU slot, no concurrent writer on this CPU.
         unsafe { *p += 1 };
     }
 }
 
-/// Judge one call; returns what the sock_addr program must return.
+/// The slot programs use now; `None` (counted) when the policy is unreadable.
 #[inline(always)]
-pub fn judge(hook: Hook, dst: &Destination) -> i32 {
-    let slot = match ACTIVE.get(0) {
-        Some(active) => active.slot,
+pub fn active_slot() -> Option<u32> {
+    match ACTIVE.get(0) {
+        Some(active) => Some(active.slot),
         None => {
             count(Stat::NoPolicy);
-            return SOCK_ADDR_REJECT;
+            None
         }
-    };
-    if slot == 0 {
-        judge_in::<Slot0>(hook, dst)
-    } else {
-        judge_in::<Slot1>(hook, dst)
+    }
+}
+
+/// The configuration of slot `S`, if a generation was written there.
+#[inline(always)]
+pub fn slot_config<S: Slot>() -> Option<&'static SlotConfig> {
+    match SLOT_CONFIG.get(S::INDEX) {
+        Some(cfg) if cfg.generation != 0 => Some(cfg),
+        _ => {
+            count(Stat::NoPolicy);
+            None
+        }
+    }
+}
+
+/// Judge one connect or send; returns what the sock_addr program must return.
+#[inline(always)]
+pub fn judge(ctx: &SockAddrContext, hook: Hook, dst: &Destination) -> i32 {
+    match active_slot() {
+        None => SOCK_ADDR_REJECT,
+        Some(0) => judge_in::<Slot0>(ctx, hook, dst),
+        Some(_) => judge_in::<Slot1>(ctx, hook, dst),
+    }
+}
+
+/// Judge an explicit bind to a non-zero port (ports 0 pick an ephemeral port: clients).
+#[inline(always)]
+pub fn judge_bind(ctx: &SockAddrContext, hook: Hook, dst: &Destination) -> i32 {
+    if dst.port == 0 {
+        return SOCK_ADDR_PROCEED;
+    }
+    match active_slot() {
+        None => SOCK_ADDR_REJECT,
+        Some(0) => judge_bind_in::<Slot0>(ctx, hook, dst),
+        Some(_) => judge_bind_in::<Slot1>(ctx, hook, dst),
+    }
+}
+
+/// The socket storage of the socket behind a sock_addr context, created if absent.
+#[inline(always)]
+fn owner_of(ctx: &SockAddrContext) -> Option<&'static mut SocketOwner> {
+    // SAFETY: sk of a sock_addr context is a valid full socket; the helper checks the rest.
+    let ptr = unsafe {
+        let sk = (*ctx.sock_addr).__bindgen_anon_1.sk;
+        bpf_sk_storage_get(
+            OWNERS.as_ptr(),
+            sk.cast(),
+            core::ptr::null_mut(),
+            BPF_SK_STORAGE_GET_F_CREATE as u64,
+        )
+    } as *mut SocketOwner;
+    // SAFETY: a non-null pointer from the helper points at this socket's storage.
+    unsafe { ptr.as_mut() }
+}
+
+/// Remember who uses this socket, for the packet hooks.
+#[inline(always)]
+fn record_owner(ctx: &SockAddrContext, caller: &Caller, bound_port: u16) {
+    if let Some(owner) = owner_of(ctx) {
+        owner.exe = caller.exe;
+        owner.uid = caller.uid;
+        owner.gid = caller.gid;
+        // SAFETY: plain helper call.
+        owner.cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+        if bound_port != 0 {
+            owner.bound_port = bound_port;
+        }
+        owner.cache_dir = 0;
     }
 }
 
@@ -215,22 +284,16 @@ fn rule_of<S: Slot>(hit: Hit, kind: u32) -> u32 {
     }
 }
 
+/// The verdict for `ids` reaching (egress) or being reached from (ingress) `dst`; `None` when
+/// no rule matched and `default_deny` is false.
 #[inline(always)]
-fn judge_in<S: Slot>(hook: Hook, dst: &Destination) -> i32 {
-    let Some(cfg) = SLOT_CONFIG.get(S::INDEX) else {
-        count(Stat::NoPolicy);
-        return SOCK_ADDR_REJECT;
-    };
-    if cfg.generation == 0 {
-        count(Stat::NoPolicy);
-        return SOCK_ADDR_REJECT;
-    }
-    let caller = Caller::current();
-    if !caller.exe_ok {
-        count(Stat::ExeUnreadable);
-    }
-    let ids = caller.identities::<S>(cfg);
-
+pub fn decide<S: Slot>(
+    cfg: &SlotConfig,
+    ids: IdentityMask,
+    dst: &Destination,
+    direction: u32,
+    default_deny: bool,
+) -> Option<(Verdict, u32)> {
     let (net_class, net_any) = if dst.family == 4 {
         let key = Key::new(32, [dst.addr[0], dst.addr[1], dst.addr[2], dst.addr[3]]);
         (S::net4().get(key).copied().unwrap_or(0), NET_CLASS_ANY4)
@@ -240,11 +303,8 @@ fn judge_in<S: Slot>(hook: Hook, dst: &Destination) -> i32 {
             NET_CLASS_ANY6,
         )
     };
-    let (port_class, port_all) = match dst.proto {
-        Proto::Tcp => (port_class_of::<S>(0, dst.port), PORT_CLASS_ALL_TCP),
-        Proto::Udp => (port_class_of::<S>(1, dst.port), PORT_CLASS_ALL_UDP),
-        Proto::Other => (0, PORT_CLASS_ALL_OTHER),
-    };
+    let (port_class, port_all) = port_classes::<S>(dst);
+    let (port_class, port_all) = (with_dir(port_class, direction), port_all | direction);
 
     let mut hits = Hits {
         allow: NO_HIT,
@@ -255,8 +315,38 @@ fn judge_in<S: Slot>(hook: Hook, dst: &Destination) -> i32 {
     probe::<S>(&mut hits, net_class, port_all, ids);
     probe::<S>(&mut hits, net_any, port_class, ids);
     probe::<S>(&mut hits, net_any, port_all, ids);
+    verdict_of::<S>(cfg, ids, &hits, default_deny)
+}
 
-    let (mut verdict, rule) = if hits.deny.mask != 0 {
+/// A port class with the direction bit, keeping "no class" as 0.
+#[inline(always)]
+fn with_dir(port_class: u32, direction: u32) -> u32 {
+    if port_class == 0 {
+        0
+    } else {
+        port_class | direction
+    }
+}
+
+#[inline(always)]
+fn port_classes<S: Slot>(dst: &Destination) -> (u32, u32) {
+    match dst.proto {
+        Proto::Tcp => (port_class_of::<S>(0, dst.port), PORT_CLASS_ALL_TCP),
+        Proto::Udp => (port_class_of::<S>(1, dst.port), PORT_CLASS_ALL_UDP),
+        Proto::Icmp => (0, PORT_CLASS_ALL_ICMP),
+        Proto::Other => (0, PORT_CLASS_ALL_OTHER),
+    }
+}
+
+/// Deny beats audit-deny beats allow; then the default.
+#[inline(always)]
+fn verdict_of<S: Slot>(
+    cfg: &SlotConfig,
+    ids: IdentityMask,
+    hits: &Hits,
+    default_deny: bool,
+) -> Option<(Verdict, u32)> {
+    let (verdict, rule) = if hits.deny.mask != 0 {
         (Verdict::Deny, rule_of::<S>(hits.deny, RULE_KIND_DENY))
     } else if hits.audit_deny.mask != 0 {
         (
@@ -265,15 +355,38 @@ fn judge_in<S: Slot>(hook: Hook, dst: &Destination) -> i32 {
         )
     } else if hits.allow.mask != 0 {
         (Verdict::Allow, rule_of::<S>(hits.allow, RULE_KIND_ALLOW))
-    } else if ids & cfg.enforce_identities == 0 && ids & cfg.audit_identities != 0 {
-        (Verdict::Audit, RULE_DEFAULT)
+    } else if !default_deny {
+        return None;
     } else {
-        (Verdict::Deny, RULE_DEFAULT)
+        (default_verdict(cfg, ids), RULE_DEFAULT)
     };
-    if verdict == Verdict::Deny && cfg.flags & FLAG_GLOBAL_AUDIT != 0 {
-        verdict = Verdict::Audit;
-    }
+    Some((global_mode(cfg, verdict), rule))
+}
 
+/// What nothing-matched means for `ids`: audit for processes that match only audit-mode
+/// identities, deny otherwise.
+#[inline(always)]
+pub fn default_verdict(cfg: &SlotConfig, ids: IdentityMask) -> Verdict {
+    if ids & cfg.enforce_identities == 0 && ids & cfg.audit_identities != 0 {
+        Verdict::Audit
+    } else {
+        Verdict::Deny
+    }
+}
+
+/// `ztd --mode audit` turns every deny into audit.
+#[inline(always)]
+pub fn global_mode(cfg: &SlotConfig, verdict: Verdict) -> Verdict {
+    if verdict == Verdict::Deny && cfg.flags & FLAG_GLOBAL_AUDIT != 0 {
+        Verdict::Audit
+    } else {
+        verdict
+    }
+}
+
+/// Count a decision against its rule and the statistics.
+#[inline(always)]
+pub fn tally<S: Slot>(verdict: Verdict, rule: u32) {
     if let Some(hits) = RULE_HITS.get_ptr_mut(S::INDEX * MAX_RULES + (rule % MAX_RULES)) {
         // SAFETY: per-CPU slot.
         unsafe { *hits += 1 };
@@ -283,18 +396,109 @@ fn judge_in<S: Slot>(hook: Hook, dst: &Destination) -> i32 {
         Verdict::Deny => count(Stat::Denied),
         Verdict::Audit => count(Stat::Audited),
     }
+}
+
+#[inline(always)]
+fn judge_in<S: Slot>(ctx: &SockAddrContext, hook: Hook, dst: &Destination) -> i32 {
+    let Some(cfg) = slot_config::<S>() else {
+        return SOCK_ADDR_REJECT;
+    };
+    let caller = Caller::current();
+    if !caller.exe_ok {
+        count(Stat::ExeUnreadable);
+    }
+    let ids = caller.identities::<S>(cfg, current_ancestor);
+    let (mut verdict, mut rule) =
+        decide::<S>(cfg, ids, dst, 0, true).unwrap_or((Verdict::Deny, RULE_DEFAULT));
+    if rule == RULE_DEFAULT && verdict != Verdict::Allow {
+        // A server answering on the port it bound: a reply to a peer its ingress rules
+        // admit is not new egress.
+        if let Some(reply) = serving_reply::<S>(ctx, cfg, ids, dst) {
+            (verdict, rule) = reply;
+        }
+    }
+    tally::<S>(verdict, rule);
     if verdict != Verdict::Allow || cfg.flags & FLAG_LOG_ALLOWED != 0 {
-        emit(hook, verdict, rule, cfg, &caller, dst);
+        emit(hook, verdict, rule, cfg, &caller, dst, true);
     }
     if verdict == Verdict::Deny {
         SOCK_ADDR_REJECT
     } else {
+        record_owner(ctx, &caller, 0);
+        SOCK_ADDR_PROCEED
+    }
+}
+
+/// If this socket serves a port it bound, the ingress verdict for `dst` as a peer of that
+/// port, when an ingress rule allows it.
+#[inline(always)]
+fn serving_reply<S: Slot>(
+    ctx: &SockAddrContext,
+    cfg: &SlotConfig,
+    ids: IdentityMask,
+    dst: &Destination,
+) -> Option<(Verdict, u32)> {
+    // SAFETY: sk of a sock_addr context is a valid full socket; no storage is created.
+    let owner = unsafe {
+        let sk = (*ctx.sock_addr).__bindgen_anon_1.sk;
+        bpf_sk_storage_get(OWNERS.as_ptr(), sk.cast(), core::ptr::null_mut(), 0)
+    } as *const SocketOwner;
+    // SAFETY: a non-null pointer from the helper points at this socket's storage.
+    let bound_port = unsafe { owner.as_ref() }?.bound_port;
+    if bound_port == 0 {
+        return None;
+    }
+    let peer = Destination {
+        family: dst.family,
+        addr: dst.addr,
+        port: bound_port,
+        proto: dst.proto,
+    };
+    match decide::<S>(cfg, ids, &peer, INGRESS, false) {
+        Some((Verdict::Allow, rule)) => Some((Verdict::Allow, rule)),
+        _ => None,
+    }
+}
+
+#[inline(always)]
+fn judge_bind_in<S: Slot>(ctx: &SockAddrContext, hook: Hook, dst: &Destination) -> i32 {
+    let Some(cfg) = slot_config::<S>() else {
+        return SOCK_ADDR_REJECT;
+    };
+    let caller = Caller::current();
+    if !caller.exe_ok {
+        count(Stat::ExeUnreadable);
+    }
+    let ids = caller.identities::<S>(cfg, current_ancestor);
+    let (port_class, port_all) = port_classes::<S>(dst);
+    let mut hits = Hits {
+        allow: NO_HIT,
+        deny: NO_HIT,
+        audit_deny: NO_HIT,
+    };
+    probe::<S>(
+        &mut hits,
+        NET_CLASS_BIND,
+        with_dir(port_class, INGRESS),
+        ids,
+    );
+    probe::<S>(&mut hits, NET_CLASS_BIND, port_all | INGRESS, ids);
+    let (verdict, rule) =
+        verdict_of::<S>(cfg, ids, &hits, true).unwrap_or((Verdict::Deny, RULE_DEFAULT));
+    tally::<S>(verdict, rule);
+    if verdict != Verdict::Allow || cfg.flags & FLAG_LOG_ALLOWED != 0 {
+        emit(hook, verdict, rule, cfg, &caller, dst, true);
+    }
+    if verdict == Verdict::Deny {
+        SOCK_ADDR_REJECT
+    } else {
+        record_owner(ctx, &caller, dst.port);
         SOCK_ADDR_PROCEED
     }
 }
 
 #[inline(always)]
-fn port_class_of<S: Slot>(proto_index: u32, port: u16) -> u32 {
+pub fn port_class_of<S: Slot>(proto_index: u32, port: u16) -> u32 {
     S::ports()
         .get(proto_index * PORTS_PER_PROTO + port as u32)
         .copied()
@@ -302,22 +506,35 @@ fn port_class_of<S: Slot>(proto_index: u32, port: u16) -> u32 {
 }
 
 /// Send a decision event; a full ring costs the event (counted), never the verdict.
+/// `in_task`: the current task is the caller (false in packet hooks, where whatever task
+/// runs is unrelated: pid and comm are then left empty).
 #[inline(always)]
-fn emit(
+pub fn emit(
     hook: Hook,
     verdict: Verdict,
     rule: u32,
     cfg: &SlotConfig,
     caller: &Caller,
     dst: &Destination,
+    in_task: bool,
 ) {
     let Some(mut entry) = EVENTS.reserve::<DecisionEvent>(0) else {
         count(Stat::EventLost);
         return;
     };
-    let pid_tgid = bpf_get_current_pid_tgid();
+    let pid_tgid = if in_task {
+        bpf_get_current_pid_tgid()
+    } else {
+        0
+    };
     // SAFETY: plain helper calls.
-    let (ktime_ns, cgroup_id) = unsafe { (bpf_ktime_get_ns(), bpf_get_current_cgroup_id()) };
+    let ktime_ns = unsafe { bpf_ktime_get_ns() };
+    // SAFETY: plain helper call.
+    let cgroup_id = if in_task {
+        unsafe { bpf_get_current_cgroup_id() }
+    } else {
+        0
+    };
     entry.write(DecisionEvent {
         kind: EVENT_DECISION,
         hook: hook as u8,
@@ -338,8 +555,123 @@ fn emit(
             ino: caller.exe.ino,
         },
         peer_addr: dst.addr,
-        comm: bpf_get_current_comm().unwrap_or([0; 16]),
+        comm: if in_task {
+            bpf_get_current_comm().unwrap_or([0; 16])
+        } else {
+            [0; 16]
+        },
     });
     entry.submit(0);
     count(Stat::EventSent);
+}
+
+const SOCK_RAW: u32 = 3;
+const SOCK_DGRAM: u32 = 2;
+const AF_INET6: u32 = 10;
+
+/// Judge the creation of a socket: raw and ICMP sockets need an identity that may have them.
+/// Every socket's creator is recorded as its owner for the packet hooks.
+#[inline(always)]
+pub fn judge_sock_create(sk: *mut bpf_sock, family: u32, sock_type: u32, protocol: u32) -> i32 {
+    // SAFETY: the context's socket is valid; the helper checks the rest.
+    let owner = unsafe {
+        bpf_sk_storage_get(
+            OWNERS.as_ptr(),
+            sk.cast(),
+            core::ptr::null_mut(),
+            BPF_SK_STORAGE_GET_F_CREATE as u64,
+        )
+    } as *mut SocketOwner;
+    // SAFETY: a non-null pointer from the helper points at this socket's storage.
+    if let Some(owner) = unsafe { owner.as_mut() } {
+        let caller = Caller::current();
+        owner.exe = caller.exe;
+        owner.uid = caller.uid;
+        owner.gid = caller.gid;
+        // SAFETY: plain helper call.
+        owner.cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+    }
+    let icmp = protocol == IPPROTO_ICMP || protocol == IPPROTO_ICMPV6;
+    if sock_type != SOCK_RAW && !(sock_type == SOCK_DGRAM && icmp) {
+        return SOCK_ADDR_PROCEED;
+    }
+    match active_slot() {
+        None => SOCK_ADDR_REJECT,
+        Some(0) => judge_sock_create_in::<Slot0>(family, sock_type, icmp),
+        Some(_) => judge_sock_create_in::<Slot1>(family, sock_type, icmp),
+    }
+}
+
+#[inline(always)]
+fn judge_sock_create_in<S: Slot>(family: u32, sock_type: u32, icmp: bool) -> i32 {
+    let Some(cfg) = slot_config::<S>() else {
+        return SOCK_ADDR_REJECT;
+    };
+    let caller = Caller::current();
+    let ids = caller.identities::<S>(cfg, current_ancestor);
+    let allowed = if sock_type == SOCK_RAW {
+        cfg.raw_identities
+    } else {
+        cfg.icmp_identities | cfg.raw_identities
+    };
+    let verdict = if ids & allowed != 0 {
+        Verdict::Allow
+    } else {
+        global_mode(cfg, default_verdict(cfg, ids))
+    };
+    if verdict == Verdict::Allow {
+        count(Stat::Allowed);
+    } else {
+        tally::<S>(verdict, RULE_DEFAULT);
+    }
+    if verdict != Verdict::Allow || cfg.flags & FLAG_LOG_ALLOWED != 0 {
+        let dst = Destination {
+            family: if family == AF_INET6 { 6 } else { 4 },
+            addr: [0; 16],
+            port: 0,
+            proto: if icmp { Proto::Icmp } else { Proto::Other },
+        };
+        emit(
+            Hook::SockCreate,
+            verdict,
+            RULE_DEFAULT,
+            cfg,
+            &caller,
+            &dst,
+            true,
+        );
+    }
+    if verdict == Verdict::Deny {
+        SOCK_ADDR_REJECT
+    } else {
+        SOCK_ADDR_PROCEED
+    }
+}
+
+/// Whether some ingress allow rule lets anyone listen on `port` of `dst.proto`.
+#[inline(always)]
+pub fn port_granted<S: Slot>(dst: &Destination) -> bool {
+    let (port_class, port_all) = port_classes::<S>(dst);
+    for class in [with_dir(port_class, INGRESS), port_all | INGRESS] {
+        if class == 0 {
+            continue;
+        }
+        let key = DecisionKey {
+            net_class: NET_CLASS_BIND,
+            port_class: class,
+        };
+        if let Some(v) = S::decisions().get_ptr(key) {
+            // SAFETY: pointer from a successful lookup.
+            if unsafe { (*v).allow } != 0 {
+                return true;
+            }
+        }
+    }
+    false
+}
+
+/// `proto_of` for the packet parser.
+#[inline(always)]
+pub fn proto_from_ip(protocol: u8) -> Proto {
+    proto_of(protocol as u32)
 }

@@ -5,7 +5,7 @@ use aya_ebpf::helpers::{
     bpf_get_current_uid_gid, bpf_probe_read_kernel,
     generated::{bpf_get_current_ancestor_cgroup_id, bpf_get_current_task},
 };
-use zt_common::{ExeKey, IdentityMask, KernelOffsets, SlotConfig, MAX_CGROUP_LEVEL};
+use zt_common::{ExeKey, IdentityMask, KernelOffsets, SlotConfig, SocketOwner, MAX_CGROUP_LEVEL};
 
 use crate::maps::Slot;
 
@@ -104,10 +104,27 @@ impl Caller {
         }
     }
 
-    /// The identities of the slot `S` this caller matches (bit `ANY_IDENTITY_BIT` always,
-    /// through the wildcards).
+    /// The owner recorded for a socket.
     #[inline(always)]
-    pub fn identities<S: Slot>(&self, cfg: &SlotConfig) -> IdentityMask {
+    pub fn from_owner(owner: &SocketOwner) -> Caller {
+        Caller {
+            uid: owner.uid,
+            gid: owner.gid,
+            exe: owner.exe,
+            exe_ok: true,
+        }
+    }
+
+    /// The identities of the slot `S` this caller matches (bit `ANY_IDENTITY_BIT` always,
+    /// through the wildcards). `ancestor(level)` gives the id of the caller's cgroup
+    /// ancestor at `level` (0 when deeper than the cgroup): the current task's for calls, the
+    /// socket's for packets.
+    #[inline(always)]
+    pub fn identities<S: Slot>(
+        &self,
+        cfg: &SlotConfig,
+        ancestor: impl Fn(i32) -> u64,
+    ) -> IdentityMask {
         let exe = lookup(S::exes().get_ptr(self.exe)) | cfg.exe_wildcard;
         let uid = lookup(S::uids().get_ptr(self.uid)) | cfg.uid_wildcard;
         let gid = lookup(S::gids().get_ptr(self.gid)) | cfg.gid_wildcard;
@@ -116,8 +133,7 @@ impl Caller {
             let mut level = 1;
             while level < MAX_CGROUP_LEVEL {
                 if cfg.cgroup_levels & (1 << level) != 0 {
-                    // SAFETY: plain helper call.
-                    let id = unsafe { bpf_get_current_ancestor_cgroup_id(level as i32) };
+                    let id = ancestor(level as i32);
                     if id == 0 {
                         break;
                     }
@@ -137,4 +153,11 @@ fn lookup(ptr: Option<*const IdentityMask>) -> IdentityMask {
         Some(p) => unsafe { *p },
         None => 0,
     }
+}
+
+/// The current task's cgroup ancestor at `level`.
+#[inline(always)]
+pub fn current_ancestor(level: i32) -> u64 {
+    // SAFETY: plain helper call.
+    unsafe { bpf_get_current_ancestor_cgroup_id(level) }
 }

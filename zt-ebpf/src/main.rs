@@ -4,13 +4,20 @@
 #![no_std]
 #![no_main]
 
+mod bind4;
+mod bind6;
 mod connect4;
 mod connect6;
 mod decide;
 mod identity;
 mod maps;
+mod packet;
 mod sendmsg4;
 mod sendmsg6;
+mod skb_egress;
+mod skb_ingress;
+mod sock_create;
+mod xdp;
 
 #[cfg(not(test))]
 #[panic_handler]

@@ -5,14 +5,14 @@
 //! All maps are pinned by name under `<bpffs>/maps`, so enforcement outlives the daemon.
 
 use aya_ebpf::{
-    bindings::BPF_F_NO_PREALLOC,
-    macros::map,
+    bindings::{bpf_map_type::BPF_MAP_TYPE_SK_STORAGE, BPF_F_CLONE, BPF_F_NO_PREALLOC},
+    macros::{btf_map, map},
     maps::{Array, HashMap, LpmTrie, PerCpuArray, RingBuf},
 };
 use zt_common::{
     ActiveSlot, DecisionKey, DecisionValue, ExeKey, IdentityMask, RuleOfKey, SlotConfig,
-    EVENT_RING_BYTES, MAX_CGROUPS, MAX_DECISIONS, MAX_EXES, MAX_GIDS, MAX_NET4, MAX_NET6,
-    MAX_RULES, MAX_RULE_OF, MAX_UIDS, PORTS_PER_PROTO, PORT_PROTOS, SLOTS, STAT_COUNT,
+    SocketOwner, EVENT_RING_BYTES, MAX_CGROUPS, MAX_DECISIONS, MAX_EXES, MAX_GIDS, MAX_NET4,
+    MAX_NET6, MAX_RULES, MAX_RULE_OF, MAX_UIDS, PORTS_PER_PROTO, PORT_PROTOS, SLOTS, STAT_COUNT,
 };
 
 /// Which slot decides now (one entry).
@@ -34,6 +34,40 @@ pub static STATS: PerCpuArray<u64> = PerCpuArray::pinned(STAT_COUNT, 0);
 /// Decision events for the daemon.
 #[map]
 pub static EVENTS: RingBuf = RingBuf::pinned(EVENT_RING_BYTES, 0);
+
+/// Socket storage: who owns each guarded socket (see `zt_common::SocketOwner`). Declared by
+/// hand as a BTF map so that it can carry `BPF_F_CLONE`: accepted sockets inherit their
+/// listener's owner.
+#[repr(C)]
+pub struct OwnerStorage {
+    r#type: *const [i32; BPF_MAP_TYPE_SK_STORAGE as usize],
+    key: *const i32,
+    value: *const SocketOwner,
+    max_entries: *const [i32; 0],
+    map_flags: *const [i32; (BPF_F_NO_PREALLOC | BPF_F_CLONE) as usize],
+    pinning: *const [i32; 1],
+}
+
+// SAFETY: placeholder pointers the loader patches; never dereferenced.
+unsafe impl Sync for OwnerStorage {}
+
+impl OwnerStorage {
+    #[inline(always)]
+    pub fn as_ptr(&self) -> *mut core::ffi::c_void {
+        core::ptr::from_ref(self).cast_mut().cast()
+    }
+}
+
+/// Owners of guarded sockets.
+#[btf_map]
+pub static OWNERS: OwnerStorage = OwnerStorage {
+    r#type: core::ptr::null(),
+    key: core::ptr::null(),
+    value: core::ptr::null(),
+    max_entries: core::ptr::null(),
+    map_flags: core::ptr::null(),
+    pinning: core::ptr::null(),
+};
 
 /// One policy slot's maps.
 pub trait Slot {
@@ -136,3 +170,29 @@ macro_rules! slot {
 
 slot!(Slot0, 0, EXE_0, UID_0, GID_0, CGROUP_0, NET4_0, NET6_0, PORTS_0, DECISION_0, RULE_OF_0);
 slot!(Slot1, 1, EXE_1, UID_1, GID_1, CGROUP_1, NET4_1, NET6_1, PORTS_1, DECISION_1, RULE_OF_1);
+
+// ---- XDP front door (zt-ebpf/src/xdp.rs) ----
+
+/// Interfaces (ifindex) the XDP counters keep apart; least recently used ones age out.
+pub const XDP_MAX_IFACES: u32 = 256;
+
+/// XDP front door counters: receiving ifindex → per-CPU counters indexed by
+/// `zt_common::XdpStat`.
+#[map]
+pub static XDP_STATS: aya_ebpf::maps::LruPerCpuHashMap<
+    u32,
+    [u64; zt_common::XDP_STAT_COUNT as usize],
+> = aya_ebpf::maps::LruPerCpuHashMap::pinned(XDP_MAX_IFACES, 0);
+
+/// Per-CPU token bucket that samples the XDP front door's deny and audit events.
+#[repr(C)]
+pub struct XdpEventBucket {
+    /// Saved-up credit in nanoseconds (one event costs `xdp::EVENT_INTERVAL_NS`).
+    pub credit_ns: u64,
+    /// When the credit was last updated (`bpf_ktime_get_ns`).
+    pub last_ns: u64,
+}
+
+/// XDP event sampling state (one bucket per CPU).
+#[map]
+pub static XDP_EVENT_BUCKET: PerCpuArray<XdpEventBucket> = PerCpuArray::pinned(1, 0);

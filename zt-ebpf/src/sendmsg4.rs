@@ -11,6 +11,7 @@ pub fn sendmsg4(ctx: SockAddrContext) -> i32 {
     // SAFETY: the kernel hands every sock_addr program a valid context.
     let sa = unsafe { &*ctx.sock_addr };
     judge(
+        &ctx,
         Hook::Sendmsg4,
         &Destination::v4(sa.user_ip4, sa.user_port, sa.protocol),
     )

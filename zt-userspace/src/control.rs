@@ -91,6 +91,10 @@ pub struct Status {
     pub policy: Vec<PathBuf>,
     pub pid: u32,
     pub last_reload: ReloadResult,
+    /// The XDP front door per `--xdp` interface (empty without `--xdp`); `healthy` requires
+    /// each to be attached.
+    #[serde(default)]
+    pub xdp: Vec<crate::xdp::XdpStatus>,
 }
 
 #[derive(Debug, thiserror::Error)]

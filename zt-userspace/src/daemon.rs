@@ -43,6 +43,7 @@ use crate::{
     loader::{self, HookStart, Layout, Loader, LoaderError},
     policy::{self, Compiled, Diagnostic, SystemResolver},
     sys,
+    xdp::{self, XdpFront, XdpModePref},
 };
 
 /// Global mode of the daemon.
@@ -71,6 +72,10 @@ pub struct Options {
     pub socket: PathBuf,
     pub mode: GlobalMode,
     pub log_allowed: bool,
+    /// Interfaces for the XDP front door (`--xdp`, repeatable; empty: none).
+    pub xdp: Vec<String>,
+    /// XDP attach mode (`--xdp-mode`).
+    pub xdp_mode: XdpModePref,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -93,6 +98,8 @@ pub enum DaemonError {
     AlreadyRunning(PathBuf),
     #[error("cgroup {0} is not a directory of the cgroup2 filesystem; create it or pass another --cgroup")]
     NotACgroup(PathBuf),
+    #[error(transparent)]
+    Xdp(#[from] xdp::XdpError),
 }
 
 /// Parse, validate, resolve and compile the policy at `paths`.
@@ -114,6 +121,8 @@ struct State {
     opts: Options,
     last_reload: ReloadResult,
     cgroup_root: PathBuf,
+    /// The XDP front door, when `--xdp` was given.
+    xdp: Option<XdpFront>,
 }
 
 fn now_secs() -> u64 {
@@ -187,7 +196,8 @@ impl State {
 
     fn status(&self) -> Response {
         let hooks = self.loader.health();
-        let healthy = hooks.iter().all(|h| h.attached);
+        let xdp = self.xdp.as_ref().map(XdpFront::status).unwrap_or_default();
+        let healthy = hooks.iter().all(|h| h.attached) && xdp.iter().all(|x| x.attached);
         let (generation, rules) = match self.loader.active() {
             Ok((_, cfg)) => (cfg.generation, cfg.rules),
             Err(_) => (0, 0),
@@ -230,6 +240,7 @@ impl State {
             policy: self.opts.policy.clone(),
             pid: std::process::id(),
             last_reload: self.last_reload.clone(),
+            xdp,
         }))
     }
 
@@ -289,6 +300,9 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
     for w in &warnings {
         warn!("{w}");
     }
+    for iface in &opts.xdp {
+        xdp::ifindex(iface)?;
+    }
     let offsets = btf::kernel_offsets()?;
     sys::ensure_bpffs(&opts.bpffs).map_err(|source| DaemonError::Io {
         what: "preparing the pin directory",
@@ -311,6 +325,7 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
         },
         cgroup_root,
         loader,
+        xdp: None,
     };
     let flags = state.flags();
     let generation = state.loader.apply(&state.compiled, flags)?;
@@ -325,11 +340,19 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
         state.compiled.identities.len()
     );
     state.last_reload.message = summary.clone();
+    if !opts.xdp.is_empty() {
+        state.xdp = Some(start_xdp(&layout, &opts)?);
+    }
+    // A front door pinned by an earlier run for an interface not named now stays attached
+    // (enforcement is only removed by `ztctl unload`); say so.
+    for iface in xdp::others(&layout, &opts.xdp) {
+        warn!("ztd: an XDP front door pinned by an earlier run is still attached to {iface} (not managed: no --xdp {iface}); `ztctl unload` or removing {} detaches it", xdp::link_path(&layout, &iface).display());
+    }
     say!(
         "ztd: guarding {} in {} mode, {summary}; {} hooks {} (pinned under {}); control socket {}",
         opts.cgroup.display(),
         opts.mode.as_str(),
-        zt_common::Hook::ALL.len(),
+        loader::CGROUP_HOOKS.len(),
         if adopted > 0 {
             "adopted from pins, programs replaced in place"
         } else {
@@ -386,6 +409,31 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
         opts.bpffs.display()
     );
     Ok(())
+}
+
+/// Attach (or adopt) the XDP front door on every `--xdp` interface, after the policy is in
+/// the maps.
+fn start_xdp(layout: &Layout, opts: &Options) -> Result<XdpFront, DaemonError> {
+    let mut front = XdpFront::load(layout)?;
+    for iface in &opts.xdp {
+        let started = front.attach_or_adopt(iface, opts.xdp_mode)?;
+        if let Some(tried) = &started.fallback {
+            warn!("ztd: XDP on {iface}: {tried}");
+        }
+        say!(
+            "ztd: XDP front door on {iface} ({} mode): {}",
+            if started.mode.is_empty() {
+                "unknown"
+            } else {
+                &started.mode
+            },
+            match started.start {
+                HookStart::Attached => "attached",
+                HookStart::Replaced => "adopted from its pin, program replaced in place",
+            }
+        );
+    }
+    Ok(front)
 }
 
 fn sig_err(source: std::io::Error) -> DaemonError {

@@ -109,12 +109,24 @@ pub fn format_line(ev: &DecisionEvent, offset_ns: i128, exe: &str, rule: &str) -
         .unwrap_or(ev.comm.len());
     let comm = String::from_utf8_lossy(&ev.comm[..comm_len]);
     let hook = Hook::from_code(ev.hook).map(Hook::name).unwrap_or("?");
-    let peer = match peer(ev) {
+    let addr = match peer(ev) {
         IpAddr::V4(a) => format!("{a}:{}", ev.peer_port),
         IpAddr::V6(a) => format!("[{a}]:{}", ev.peer_port),
     };
+    let proto = proto_name(ev.proto);
+    // Which way the decision looked: out to a peer, in from a peer to a local port, a bind
+    // of a local address, or the creation of a socket.
+    let peer = match Hook::from_code(ev.hook) {
+        Some(Hook::SkbIngress | Hook::Xdp) => match peer(ev) {
+            IpAddr::V4(a) => format!("<- {a} to port {}/{proto}", ev.peer_port),
+            IpAddr::V6(a) => format!("<- {a} to port {}/{proto}", ev.peer_port),
+        },
+        Some(Hook::Bind4 | Hook::Bind6) => format!("bind {addr}/{proto}"),
+        Some(Hook::SockCreate) => format!("socket {proto}"),
+        _ => format!("-> {addr}/{proto}"),
+    };
     format!(
-        "{} {:<5} {:<8} pid={} uid={} gid={} exe={} comm={} -> {}/{} rule={} gen={}",
+        "{} {:<5} {:<11} pid={} uid={} gid={} exe={} comm={} {} rule={} gen={}",
         rfc3339(ev.ktime_ns as i128 + offset_ns),
         verdict_name(ev.verdict),
         hook,
@@ -124,7 +136,6 @@ pub fn format_line(ev: &DecisionEvent, offset_ns: i128, exe: &str, rule: &str) -
         exe,
         comm,
         peer,
-        proto_name(ev.proto),
         rule,
         ev.generation
     )

@@ -9,3 +9,4 @@ pub mod events;
 pub mod loader;
 pub mod policy;
 pub mod sys;
+pub mod xdp;

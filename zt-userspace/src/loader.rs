@@ -25,7 +25,8 @@ use aya::{
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray},
     programs::{
         links::{FdLink, PinnedLink},
-        CgroupAttachMode, CgroupSockAddr,
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr, Program,
+        ProgramError,
     },
     Ebpf, EbpfLoader, Pod,
 };
@@ -89,13 +90,34 @@ impl Layout {
     }
 }
 
-/// The kernel attach type of a hook, for `BPF_PROG_QUERY`.
+/// The hooks attached to the guarded cgroup (all but XDP), in attach order: the packet
+/// backstops and socket-type control first, the connect/send/bind verdicts last.
+pub const CGROUP_HOOKS: [Hook; 9] = [
+    Hook::SkbIngress,
+    Hook::SkbEgress,
+    Hook::SockCreate,
+    Hook::Bind4,
+    Hook::Bind6,
+    Hook::Connect4,
+    Hook::Connect6,
+    Hook::Sendmsg4,
+    Hook::Sendmsg6,
+];
+
+/// The kernel attach type of a cgroup hook, for `BPF_PROG_QUERY` (XDP attaches to
+/// interfaces, not cgroups: `u32::MAX`).
 pub fn attach_type(hook: Hook) -> u32 {
     match hook {
+        Hook::SkbIngress => 0,
+        Hook::SkbEgress => 1,
+        Hook::SockCreate => 2,
+        Hook::Bind4 => 8,
+        Hook::Bind6 => 9,
         Hook::Connect4 => 10,
         Hook::Connect6 => 11,
         Hook::Sendmsg4 => 14,
         Hook::Sendmsg6 => 15,
+        Hook::Xdp => u32::MAX,
     }
 }
 
@@ -138,9 +160,8 @@ impl Loader {
             .default_map_pin_directory(&maps_dir)
             .override_global("KERNEL_OFFSETS", &offsets, true)
             .load(EBPF_OBJECT)?;
-        for hook in Hook::ALL {
-            let prog: &mut CgroupSockAddr = program(&mut ebpf, hook)?;
-            prog.load().map_err(|source| LoaderError::Program {
+        for hook in CGROUP_HOOKS {
+            load_program(&mut ebpf, hook).map_err(|source| LoaderError::Program {
                 hook: hook.name(),
                 source,
             })?;
@@ -157,9 +178,12 @@ impl Loader {
     pub fn attach_or_adopt(&mut self) -> Result<Vec<(Hook, HookStart)>, LoaderError> {
         let cgroup_fd = sys::open_dir(&self.cgroup).map_err(io_err(&self.cgroup))?;
         let mut report = Vec::new();
-        for hook in Hook::ALL {
+        for hook in CGROUP_HOOKS {
             let path = self.layout.link_path(hook);
-            let prog: &mut CgroupSockAddr = program(&mut self.ebpf, hook)?;
+            let prog_err = |source| LoaderError::Program {
+                hook: hook.name(),
+                source,
+            };
             if path.exists() {
                 let link_fd = sys::obj_get(&path).map_err(|source| LoaderError::Link {
                     path: path.clone(),
@@ -174,30 +198,16 @@ impl Loader {
                         cgroup: self.cgroup.clone(),
                     });
                 }
-                let prog_fd = prog.fd().map_err(|source| LoaderError::Program {
-                    hook: hook.name(),
-                    source,
-                })?;
+                let prog = self
+                    .ebpf
+                    .program(hook.name())
+                    .ok_or(prog_err(ProgramError::NotLoaded))?;
+                let prog_fd = prog.fd().map_err(prog_err)?;
                 sys::link_update(link_fd.as_fd(), prog_fd.as_fd())
                     .map_err(|source| LoaderError::Link { path, source })?;
                 report.push((hook, HookStart::Replaced));
             } else {
-                let id = prog
-                    .attach(&cgroup_fd, CgroupAttachMode::Single)
-                    .map_err(|source| LoaderError::Program {
-                        hook: hook.name(),
-                        source,
-                    })?;
-                let link = prog.take_link(id).map_err(|source| LoaderError::Program {
-                    hook: hook.name(),
-                    source,
-                })?;
-                let fd_link: FdLink =
-                    link.try_into()
-                        .map_err(|e: aya::programs::links::LinkError| LoaderError::Link {
-                            path: path.clone(),
-                            source: std::io::Error::other(e.to_string()),
-                        })?;
+                let fd_link = attach_program(&mut self.ebpf, hook, &cgroup_fd).map_err(prog_err)?;
                 fd_link.pin(&path).map_err(|e| LoaderError::Link {
                     path: path.clone(),
                     source: std::io::Error::other(e.to_string()),
@@ -247,9 +257,13 @@ impl Loader {
             &compiled.rule_of,
         )?;
 
+        // The XDP front door passes TCP/UDP to these ports (replies to our own egress).
+        let (ephemeral_low, ephemeral_high) = crate::xdp::ephemeral_range();
         let cfg = SlotConfig {
             generation,
             flags,
+            ephemeral_low,
+            ephemeral_high,
             ..compiled.config
         };
         let mut configs: Array<&mut MapData, SlotConfig> = map_mut(&mut self.ebpf, "SLOT_CONFIG")?;
@@ -324,7 +338,7 @@ impl Loader {
 /// `status` in the daemon and by tests).
 pub fn health(layout: &Layout, cgroup: &Path) -> Vec<HookHealth> {
     let cgroup_fd = sys::open_dir(cgroup).ok();
-    Hook::ALL
+    CGROUP_HOOKS
         .into_iter()
         .map(|hook| {
             let prog_id = link_program_id(&layout.link_path(hook)).unwrap_or(0);
@@ -383,17 +397,66 @@ pub fn nr_cpus() -> usize {
     aya::util::nr_cpus().map(|n| n.max(1)).unwrap_or(1)
 }
 
-fn program(ebpf: &mut Ebpf, hook: Hook) -> Result<&mut CgroupSockAddr, LoaderError> {
-    ebpf.program_mut(hook.name())
-        .ok_or(LoaderError::Program {
-            hook: hook.name(),
-            source: aya::programs::ProgramError::NotLoaded,
-        })?
-        .try_into()
-        .map_err(|source| LoaderError::Program {
-            hook: hook.name(),
-            source,
-        })
+fn program_mut(ebpf: &mut Ebpf, hook: Hook) -> Result<&mut Program, ProgramError> {
+    ebpf.program_mut(hook.name()).ok_or(ProgramError::NotLoaded)
+}
+
+/// Load one cgroup hook's program, by its program type.
+fn load_program(ebpf: &mut Ebpf, hook: Hook) -> Result<(), ProgramError> {
+    let prog = program_mut(ebpf, hook)?;
+    match hook {
+        Hook::SkbIngress | Hook::SkbEgress => {
+            let p: &mut CgroupSkb = prog.try_into()?;
+            p.load()
+        }
+        Hook::SockCreate => {
+            let p: &mut CgroupSock = prog.try_into()?;
+            p.load()
+        }
+        _ => {
+            let p: &mut CgroupSockAddr = prog.try_into()?;
+            p.load()
+        }
+    }
+}
+
+fn to_fd_link<L>(link: L) -> Result<FdLink, ProgramError>
+where
+    FdLink: TryFrom<L, Error = aya::programs::links::LinkError>,
+{
+    FdLink::try_from(link).map_err(|e| ProgramError::IOError(std::io::Error::other(e.to_string())))
+}
+
+/// Attach one cgroup hook's program to the cgroup through a new bpf_link.
+fn attach_program(
+    ebpf: &mut Ebpf,
+    hook: Hook,
+    cgroup: &std::os::fd::OwnedFd,
+) -> Result<FdLink, ProgramError> {
+    let prog = program_mut(ebpf, hook)?;
+    let mode = CgroupAttachMode::Single;
+    match hook {
+        Hook::SkbIngress | Hook::SkbEgress => {
+            let p: &mut CgroupSkb = prog.try_into()?;
+            let kind = if hook == Hook::SkbIngress {
+                CgroupSkbAttachType::Ingress
+            } else {
+                CgroupSkbAttachType::Egress
+            };
+            let id = p.attach(cgroup, kind, mode)?;
+            to_fd_link(p.take_link(id)?)
+        }
+        Hook::SockCreate => {
+            let p: &mut CgroupSock = prog.try_into()?;
+            let id = p.attach(cgroup, mode)?;
+            to_fd_link(p.take_link(id)?)
+        }
+        _ => {
+            let p: &mut CgroupSockAddr = prog.try_into()?;
+            let id = p.attach(cgroup, mode)?;
+            to_fd_link(p.take_link(id)?)
+        }
+    }
 }
 
 fn map_err(name: &str) -> impl FnOnce(MapError) -> LoaderError + '_ {

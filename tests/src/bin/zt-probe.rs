@@ -20,6 +20,14 @@ struct Args {
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq)]
+enum SocketKind {
+    /// SOCK_RAW, IPPROTO_ICMP.
+    Raw,
+    /// SOCK_DGRAM, IPPROTO_ICMP (an unprivileged "ping" socket).
+    Icmp,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq)]
 enum Proto {
     Tcp,
     Udp,
@@ -53,6 +61,53 @@ enum Cmd {
         /// Wait this long (ms) after joining the cgroup, before the call.
         #[arg(long, default_value_t = 0)]
         delay_ms: u64,
+        /// Source address to bind before connecting (port 0).
+        #[arg(long)]
+        src: Option<std::net::IpAddr>,
+    },
+    /// `bind()` (and for tcp `listen()`) to ADDR and print the outcome.
+    Bind {
+        #[arg(long)]
+        proto: Proto,
+        #[arg(long)]
+        addr: SocketAddr,
+        #[arg(long)]
+        cgroup: Option<PathBuf>,
+        #[arg(long)]
+        uid: Option<u32>,
+    },
+    /// Create a socket of a kind zt controls at creation and print the outcome.
+    Socket {
+        #[arg(long)]
+        kind: SocketKind,
+        #[arg(long)]
+        cgroup: Option<PathBuf>,
+        /// Primary group to run as (the uid stays 0, keeping CAP_NET_RAW).
+        #[arg(long)]
+        gid: Option<u32>,
+        #[arg(long)]
+        netns: Option<PathBuf>,
+        /// Also send an ICMP echo request to this IPv4 address and wait for the reply.
+        #[arg(long)]
+        ping: Option<std::net::Ipv4Addr>,
+    },
+    /// Create an unconnected UDP socket, pass it over SCM_RIGHTS to a child process running as
+    /// `to_uid`, which sends one datagram to ADDR on it: prints the child's outcome.
+    PassFd {
+        #[arg(long)]
+        addr: SocketAddr,
+        #[arg(long)]
+        cgroup: Option<PathBuf>,
+        #[arg(long)]
+        to_uid: u32,
+    },
+    /// Connect a UDP socket to ADDR now, print `ready`, then for every line on stdin send a
+    /// datagram on that socket and print the outcome: a socket opened before zt started.
+    Hold {
+        #[arg(long)]
+        addr: SocketAddr,
+        #[arg(long)]
+        cgroup: Option<PathBuf>,
     },
     /// Echo on TCP and UDP at `port` for every `bind` address; print `ready PORT...`.
     Serve {
@@ -64,6 +119,9 @@ enum Cmd {
         ports: Vec<u16>,
         #[arg(long)]
         netns: Option<PathBuf>,
+        /// Serve from inside this cgroup (a guarded listener).
+        #[arg(long)]
+        cgroup: Option<PathBuf>,
     },
 }
 
@@ -80,6 +138,7 @@ fn main() {
             uid,
             euid,
             delay_ms,
+            src,
         } => {
             if let Err(e) = enter(cgroup, netns, gid, uid, euid) {
                 println!("error:setup:{e}");
@@ -96,10 +155,79 @@ fn main() {
             } else {
                 addr
             };
-            println!("{}", outcome(call(proto, addr, unconnected)));
+            println!("{}", outcome(call(proto, addr, unconnected, src)));
         }
-        Cmd::Serve { bind, ports, netns } => {
-            if let Err(e) = enter(None, netns, None, None, None) {
+        Cmd::Bind {
+            proto,
+            addr,
+            cgroup,
+            uid,
+        } => {
+            if let Err(e) = enter(cgroup, None, None, uid, None) {
+                println!("error:setup:{e}");
+                return;
+            }
+            let r = match proto {
+                Proto::Tcp => bind_tcp(addr).map(drop),
+                Proto::Udp => bind_udp(addr).map(drop),
+            };
+            println!("{}", outcome(r));
+        }
+        Cmd::Socket {
+            kind,
+            cgroup,
+            gid,
+            netns,
+            ping,
+        } => {
+            if let Err(e) = enter(cgroup, netns, gid, None, None) {
+                println!("error:setup:{e}");
+                return;
+            }
+            let ty = match kind {
+                SocketKind::Raw => libc::SOCK_RAW,
+                SocketKind::Icmp => libc::SOCK_DGRAM,
+            };
+            // SAFETY: plain socket(2); the fd is owned right away.
+            let fd = unsafe { libc::socket(libc::AF_INET, ty, libc::IPPROTO_ICMP) };
+            if fd < 0 {
+                println!("{}", outcome(Err(std::io::Error::last_os_error())));
+                return;
+            }
+            // SAFETY: fd is a new, valid descriptor.
+            let sock = UdpSocket::from(unsafe {
+                <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd)
+            });
+            match ping {
+                None => println!("ok"),
+                Some(to) => println!("{}", outcome(echo(&sock, to, kind))),
+            }
+        }
+        Cmd::PassFd {
+            addr,
+            cgroup,
+            to_uid,
+        } => {
+            if let Err(e) = enter(cgroup, None, None, None, None) {
+                println!("error:setup:{e}");
+                return;
+            }
+            println!("{}", pass_fd(addr, to_uid));
+        }
+        Cmd::Hold { addr, cgroup } => {
+            if let Err(e) = enter(cgroup, None, None, None, None) {
+                println!("error:setup:{e}");
+                return;
+            }
+            hold(addr);
+        }
+        Cmd::Serve {
+            bind,
+            ports,
+            netns,
+            cgroup,
+        } => {
+            if let Err(e) = enter(cgroup, netns, None, None, None) {
                 eprintln!("serve: {e}");
                 std::process::exit(1);
             }
@@ -137,10 +265,18 @@ fn enter(
 
 const TIMEOUT: Duration = Duration::from_secs(3);
 
-fn call(proto: Proto, addr: SocketAddr, unconnected: bool) -> std::io::Result<()> {
+fn call(
+    proto: Proto,
+    addr: SocketAddr,
+    unconnected: bool,
+    src: Option<std::net::IpAddr>,
+) -> std::io::Result<()> {
     match proto {
         Proto::Tcp => {
-            let mut s = TcpStream::connect_timeout(&addr, TIMEOUT)?;
+            let mut s = match src {
+                None => TcpStream::connect_timeout(&addr, TIMEOUT)?,
+                Some(ip) => connect_from(ip, addr)?,
+            };
             s.set_read_timeout(Some(TIMEOUT))?;
             s.write_all(b"ping")?;
             let mut buf = [0u8; 4];
@@ -148,10 +284,10 @@ fn call(proto: Proto, addr: SocketAddr, unconnected: bool) -> std::io::Result<()
             expect_echo(&buf)
         }
         Proto::Udp => {
-            let local: SocketAddr = if addr.is_ipv4() {
-                "0.0.0.0:0".parse().map_err(std::io::Error::other)?
-            } else {
-                "[::]:0".parse().map_err(std::io::Error::other)?
+            let local: SocketAddr = match src {
+                Some(ip) => SocketAddr::new(ip, 0),
+                None if addr.is_ipv4() => "0.0.0.0:0".parse().map_err(std::io::Error::other)?,
+                None => "[::]:0".parse().map_err(std::io::Error::other)?,
             };
             let s = UdpSocket::bind(local)?;
             s.set_read_timeout(Some(TIMEOUT))?;
@@ -323,4 +459,223 @@ fn bind_fd(fd: &std::os::fd::OwnedFd, addr: SocketAddr) -> std::io::Result<()> {
     let sa = nix::sys::socket::SockaddrStorage::from(addr);
     nix::sys::socket::bind(std::os::fd::AsRawFd::as_raw_fd(fd), &sa)?;
     Ok(())
+}
+
+/// A TCP connection from a chosen source address (ephemeral port), with a timeout.
+fn connect_from(src: std::net::IpAddr, to: SocketAddr) -> std::io::Result<TcpStream> {
+    use std::os::fd::AsRawFd;
+    let domain = if to.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
+    let fd = socket(domain, libc::SOCK_STREAM)?;
+    bind_fd(&fd, SocketAddr::new(src, 0))?;
+    let sa = nix::sys::socket::SockaddrStorage::from(to);
+    // Non-blocking connect with a poll timeout.
+    // SAFETY: valid fd.
+    unsafe {
+        let flags = libc::fcntl(fd.as_raw_fd(), libc::F_GETFL);
+        libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK);
+    }
+    match nix::sys::socket::connect(fd.as_raw_fd(), &sa) {
+        Ok(()) => {}
+        Err(nix::errno::Errno::EINPROGRESS) => {
+            let mut pfd = libc::pollfd {
+                fd: fd.as_raw_fd(),
+                events: libc::POLLOUT,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd.
+            let n = unsafe { libc::poll(&mut pfd, 1, TIMEOUT.as_millis() as i32) };
+            if n == 0 {
+                return Err(std::io::Error::from_raw_os_error(libc::ETIMEDOUT));
+            }
+            let err: i32 =
+                nix::sys::socket::getsockopt(&fd, nix::sys::socket::sockopt::SocketError)?;
+            if err != 0 {
+                return Err(std::io::Error::from_raw_os_error(err));
+            }
+        }
+        Err(e) => return Err(e.into()),
+    }
+    // SAFETY: valid fd.
+    unsafe {
+        let flags = libc::fcntl(fd.as_raw_fd(), libc::F_GETFL);
+        libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags & !libc::O_NONBLOCK);
+    }
+    Ok(TcpStream::from(fd))
+}
+
+/// One ICMP echo request on an ICMP socket, and its reply.
+fn echo(sock: &UdpSocket, to: std::net::Ipv4Addr, kind: SocketKind) -> std::io::Result<()> {
+    // type 8 (echo request), code 0, checksum, id, seq 1, payload.
+    let mut pkt = [8u8, 0, 0, 0, 0x12, 0x34, 0, 1, b'z', b't', b'z', b't'];
+    let sum = checksum(&pkt);
+    pkt[2..4].copy_from_slice(&sum.to_be_bytes());
+    sock.set_read_timeout(Some(TIMEOUT))?;
+    sock.send_to(&pkt, SocketAddr::new(to.into(), 0))?;
+    let mut buf = [0u8; 256];
+    loop {
+        let n = sock.recv(&mut buf)?;
+        // Raw sockets see the IP header first; ping sockets see only ICMP.
+        let icmp = match kind {
+            SocketKind::Raw => &buf[((buf[0] & 0x0f) as usize * 4).min(n)..n],
+            SocketKind::Icmp => &buf[..n],
+        };
+        if icmp.first() == Some(&0) {
+            return Ok(());
+        }
+    }
+}
+
+fn checksum(data: &[u8]) -> u16 {
+    let mut sum: u32 = 0;
+    for chunk in data.chunks(2) {
+        let word = u16::from_be_bytes([chunk[0], *chunk.get(1).unwrap_or(&0)]);
+        sum += word as u32;
+    }
+    while sum >> 16 != 0 {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// Connect now; send later, once per stdin line.
+fn hold(addr: SocketAddr) {
+    let local = if addr.is_ipv4() {
+        "0.0.0.0:0"
+    } else {
+        "[::]:0"
+    };
+    let sock = match UdpSocket::bind(local).and_then(|s| s.connect(addr).map(|()| s)) {
+        Ok(s) => s,
+        Err(e) => {
+            println!("{}", outcome(Err(e)));
+            return;
+        }
+    };
+    let _ = sock.set_read_timeout(Some(TIMEOUT));
+    println!("ready");
+    let _ = std::io::stdout().flush();
+    let mut line = String::new();
+    while std::io::stdin()
+        .read_line(&mut line)
+        .map(|n| n > 0)
+        .unwrap_or(false)
+    {
+        line.clear();
+        let r = sock.send(b"ping").and_then(|_| {
+            let mut buf = [0u8; 4];
+            let n = sock.recv(&mut buf)?;
+            expect_echo(&buf[..n])
+        });
+        println!("{}", outcome(r));
+        let _ = std::io::stdout().flush();
+    }
+}
+
+/// See `Cmd::PassFd`. Single-threaded until the fork, so forking is sound.
+fn pass_fd(addr: SocketAddr, to_uid: u32) -> String {
+    use nix::sys::socket::{
+        recvmsg, sendmsg, socketpair, AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags,
+        SockFlag, SockType,
+    };
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    let local = if addr.is_ipv4() {
+        "0.0.0.0:0"
+    } else {
+        "[::]:0"
+    };
+    let udp = match UdpSocket::bind(local) {
+        Ok(s) => s,
+        Err(e) => return outcome(Err(e)),
+    };
+    let (parent, child) = match socketpair(
+        AddressFamily::Unix,
+        SockType::Stream,
+        None,
+        SockFlag::empty(),
+    ) {
+        Ok(p) => p,
+        Err(e) => return format!("error:socketpair:{e}"),
+    };
+    let mut out = [0i32; 2];
+    // SAFETY: a pipe for the child's answer.
+    if unsafe { libc::pipe(out.as_mut_ptr()) } != 0 {
+        return "error:pipe".to_string();
+    }
+    // SAFETY: this process has a single thread here.
+    match unsafe { nix::unistd::fork() } {
+        Err(e) => format!("error:fork:{e}"),
+        Ok(nix::unistd::ForkResult::Child) => {
+            drop(parent);
+            let uid = nix::unistd::Uid::from_raw(to_uid);
+            let answer = match nix::unistd::setresuid(uid, uid, uid) {
+                Err(e) => format!("error:setuid:{e}"),
+                Ok(()) => {
+                    let mut buf = [0u8; 1];
+                    let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+                    let mut cmsg = nix::cmsg_space!([std::os::fd::RawFd; 1]);
+                    match recvmsg::<()>(
+                        child.as_raw_fd(),
+                        &mut iov,
+                        Some(&mut cmsg),
+                        MsgFlags::empty(),
+                    ) {
+                        Err(e) => format!("error:recvmsg:{e}"),
+                        Ok(msg) => {
+                            let fd = msg.cmsgs().ok().and_then(|mut c| {
+                                c.find_map(|m| match m {
+                                    ControlMessageOwned::ScmRights(fds) => fds.first().copied(),
+                                    _ => None,
+                                })
+                            });
+                            match fd {
+                                None => "error:no fd passed".to_string(),
+                                Some(fd) => {
+                                    // SAFETY: the fd was just received and is ours.
+                                    let s = UdpSocket::from(unsafe { OwnedFd::from_raw_fd(fd) });
+                                    let _ = s.set_read_timeout(Some(TIMEOUT));
+                                    outcome(s.send_to(b"ping", addr).and_then(|_| {
+                                        let mut b = [0u8; 4];
+                                        let n = s.recv(&mut b)?;
+                                        expect_echo(&b[..n])
+                                    }))
+                                }
+                            }
+                        }
+                    }
+                }
+            };
+            // SAFETY: write to our pipe, then leave without running the parent's destructors.
+            unsafe {
+                libc::write(out[1], answer.as_ptr().cast(), answer.len());
+                libc::_exit(0);
+            }
+        }
+        Ok(nix::unistd::ForkResult::Parent { child: pid }) => {
+            drop(child);
+            // SAFETY: the write end belongs to the child now.
+            unsafe { libc::close(out[1]) };
+            let fds = [udp.as_raw_fd()];
+            let iov = [std::io::IoSlice::new(b"f")];
+            let sent = sendmsg::<()>(
+                parent.as_raw_fd(),
+                &iov,
+                &[ControlMessage::ScmRights(&fds)],
+                MsgFlags::empty(),
+                None,
+            );
+            let _ = nix::sys::wait::waitpid(pid, None);
+            if let Err(e) = sent {
+                return format!("error:sendmsg:{e}");
+            }
+            // SAFETY: the read end is ours.
+            let mut reader = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(out[0]) });
+            let mut answer = String::new();
+            let _ = reader.read_to_string(&mut answer);
+            answer
+        }
+    }
 }

@@ -158,10 +158,46 @@ fn print_status(st: &Status) {
             h.prog_id
         );
     }
+    print_xdp(&st.xdp);
     println!();
     println!("{:>6} {:>10}  {:<40} LOCATION", "RULE", "HITS", "");
     for c in &st.counters {
         println!("{:>6} {:>10}  {:<40} {}", c.id, c.hits, c.rule, c.location);
+    }
+}
+
+/// The XDP front door: one line per interface, then its counters.
+fn print_xdp(xdp: &[zt::xdp::XdpStatus]) {
+    if xdp.is_empty() {
+        return;
+    }
+    println!();
+    println!(
+        "{:<16} {:<7} {:<9} {:>8}",
+        "XDP IFACE", "MODE", "ATTACHED", "PROG ID"
+    );
+    for x in xdp {
+        println!(
+            "{:<16} {:<7} {:<9} {:>8}",
+            x.iface,
+            if x.mode.is_empty() { "-" } else { &x.mode },
+            if x.attached { "yes" } else { "NO" },
+            x.prog_id
+        );
+        let c = &x.counters;
+        println!(
+            "  passed {}  dropped: deny list {}, closed port {}, malformed {}  not judged {}  audited {}  no policy {}  (events sent {}, skipped {}, lost {})",
+            c.passed,
+            c.dropped_deny_list,
+            c.dropped_closed_port,
+            c.dropped_malformed,
+            c.passed_not_judged,
+            c.audited,
+            c.no_policy,
+            c.events_sent,
+            c.events_skipped,
+            c.events_lost
+        );
     }
 }
 

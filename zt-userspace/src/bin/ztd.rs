@@ -7,6 +7,7 @@ use zt::{
     control::DEFAULT_SOCKET,
     daemon::{self, DaemonError, GlobalMode, Options},
     sys,
+    xdp::XdpModePref,
 };
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -40,6 +41,23 @@ struct Args {
     /// Also report allowed decisions as events.
     #[arg(long)]
     log_allowed: bool,
+    /// Attach the XDP front door to this network interface (repeatable): inbound packets no
+    /// ingress rule could allow are dropped before the network stack.
+    #[arg(long, value_name = "IFACE")]
+    xdp: Vec<String>,
+    /// XDP attach mode: `auto` tries native (driver) mode, then generic (skb) mode.
+    #[arg(long, value_enum, default_value = "auto")]
+    xdp_mode: XdpMode,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum XdpMode {
+    /// Native (driver) mode if the driver supports it, else generic (skb) mode.
+    Auto,
+    /// Native mode only.
+    Driver,
+    /// Generic mode only (works on every interface; slower).
+    Skb,
 }
 
 #[tokio::main]
@@ -65,6 +83,12 @@ async fn main() -> std::process::ExitCode {
             Mode::Audit => GlobalMode::Audit,
         },
         log_allowed: args.log_allowed,
+        xdp: args.xdp,
+        xdp_mode: match args.xdp_mode {
+            XdpMode::Auto => XdpModePref::Auto,
+            XdpMode::Driver => XdpModePref::Driver,
+            XdpMode::Skb => XdpModePref::Skb,
+        },
     };
     match daemon::run(opts).await {
         Ok(()) => std::process::ExitCode::SUCCESS,

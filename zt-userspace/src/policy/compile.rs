@@ -2,6 +2,11 @@
 //! decides with a bounded number of lookups (see the `zt-common` crate docs for the algorithm
 //! this output is made for): identity bits and wildcard masks, LPM trie entries with net
 //! classes closed over containment, the port-class array, and the decision and rule-of maps.
+//!
+//! Ingress rules compile exactly like egress rules (same net classes, same port classes: the
+//! port partition is cut at the ranges of the rules of both directions), except that their
+//! decision keys carry [`INGRESS`] in the port class. Ingress allow rules also grant their
+//! identity the right to bind their ports: `allow` of `(NET_CLASS_BIND, port class | INGRESS)`.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -9,14 +14,15 @@ use std::path::PathBuf;
 
 use ipnet::IpNet;
 use zt_common::{
-    DecisionKey, DecisionValue, ExeKey, RuleOfKey, SlotConfig, ANY_IDENTITY_BIT, MAX_CGROUPS,
-    MAX_DECISIONS, MAX_EXES, MAX_GIDS, MAX_IDENTITIES, MAX_NET4, MAX_NET6, MAX_RULES, MAX_RULE_OF,
-    MAX_UIDS, NET_CLASS_ANY4, NET_CLASS_ANY6, NET_CLASS_FIRST, PORTS_PER_PROTO,
-    PORT_CLASS_ALL_OTHER, PORT_CLASS_ALL_TCP, PORT_CLASS_ALL_UDP, PORT_CLASS_FIRST, PORT_PROTOS,
-    RULE_KIND_ALLOW, RULE_KIND_AUDIT_DENY, RULE_KIND_DENY,
+    DecisionKey, DecisionValue, ExeKey, RuleOfKey, SlotConfig, ANY_IDENTITY_BIT, INGRESS,
+    MAX_CGROUPS, MAX_DECISIONS, MAX_EXES, MAX_GIDS, MAX_IDENTITIES, MAX_NET4, MAX_NET6, MAX_RULES,
+    MAX_RULE_OF, MAX_UIDS, NET_CLASS_ANY4, NET_CLASS_ANY6, NET_CLASS_BIND, NET_CLASS_FIRST,
+    PORTS_PER_PROTO, PORT_CLASS_ALL_ICMP, PORT_CLASS_ALL_OTHER, PORT_CLASS_ALL_TCP,
+    PORT_CLASS_ALL_UDP, PORT_CLASS_FIRST, PORT_PROTOS, RULE_KIND_ALLOW, RULE_KIND_AUDIT_DENY,
+    RULE_KIND_DENY,
 };
 
-use super::{Action, Mode, Policy, ProtoMatch, Rule};
+use super::{Action, Direction, Mode, Policy, ProtoMatch, Rule};
 
 /// A policy that does not fit the kernel maps.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -50,11 +56,12 @@ pub struct RuleInfo {
     pub line: usize,
     pub column: usize,
     pub action: Action,
+    pub direction: Direction,
     /// Identity name as written (`any` when omitted).
     pub identity: String,
     /// Peer as written.
     pub peer: String,
-    /// Ports as `5432,8000-8100`; `None`: every port.
+    /// Ports as `5432,8000-8100` (local ports for ingress); `None`: every port.
     pub ports: Option<String>,
     pub proto: ProtoMatch,
     /// Mode of the rule's file.
@@ -63,14 +70,23 @@ pub struct RuleInfo {
 }
 
 impl RuleInfo {
-    /// E.g. `allow web -> db tcp/5432,8000-8100`, `deny any -> 10.0.0.0/8 any`.
+    /// E.g. `allow web -> db tcp/5432,8000-8100`, `deny any -> 10.0.0.0/8 any`; ingress
+    /// rules say so and point from the peer: `allow ingress web <- admins tcp/22`.
     pub fn summary(&self) -> String {
         let what = match (&self.ports, self.proto) {
             (Some(ports), ProtoMatch::Any) => format!("tcp+udp/{ports}"),
             (Some(ports), proto) => format!("{proto}/{ports}"),
             (None, proto) => proto.to_string(),
         };
-        format!("{} {} -> {} {what}", self.action, self.identity, self.peer)
+        match self.direction {
+            Direction::Egress => {
+                format!("{} {} -> {} {what}", self.action, self.identity, self.peer)
+            }
+            Direction::Ingress => format!(
+                "{} ingress {} <- {} {what}",
+                self.action, self.identity, self.peer
+            ),
+        }
     }
 }
 
@@ -160,18 +176,39 @@ pub fn compile(policy: &Policy) -> Result<Compiled, CompileError> {
 
     let mut c = identities(policy)?;
     let ports = PortPartition::new(&policy.rules);
-    let rule_ports: Vec<Vec<u32>> = policy.rules.iter().map(|r| ports.classes(r)).collect();
+    // Ingress keys carry the INGRESS bit (classes stay sorted: every class is below it).
+    let rule_ports: Vec<Vec<u32>> = policy
+        .rules
+        .iter()
+        .map(|r| {
+            let dir = match r.direction {
+                Direction::Egress => 0,
+                Direction::Ingress => INGRESS,
+            };
+            ports.classes(r).into_iter().map(|pc| pc | dir).collect()
+        })
+        .collect();
     let nets = Nets::new(policy)?;
     let mut out = Decisions::default();
     let meta: Vec<Hit> = policy.rules.iter().map(|r| Hit::new(0, 0, r)).collect();
 
-    // Peers `any` (and /0) have their own net classes, probed for every destination.
+    // Peers `any` (and /0) have their own net classes, probed for every destination. Bind
+    // grants (NET_CLASS_BIND sorts between them and the CIDR classes) go in the same batch.
     let mut hits = Vec::new();
     for (ri, &(any4, any6)) in nets.any.iter().enumerate() {
         for (flag, class) in [(any4, NET_CLASS_ANY4), (any6, NET_CLASS_ANY6)] {
             if flag {
                 hits.extend(rule_ports[ri].iter().map(|&pc| meta[ri].at(class, pc)));
             }
+        }
+    }
+    for (ri, rule) in policy.rules.iter().enumerate() {
+        if rule.direction == Direction::Ingress && rule.action == Action::Allow {
+            hits.extend(
+                rule_ports[ri]
+                    .iter()
+                    .map(|&pc| meta[ri].at(NET_CLASS_BIND, pc)),
+            );
         }
     }
     out.emit(&mut hits)?;
@@ -222,6 +259,7 @@ pub fn compile(policy: &Policy) -> Result<Compiled, CompileError> {
             line: r.loc.line,
             column: r.loc.column,
             action: r.action,
+            direction: r.direction,
             identity: r.identity_name.clone(),
             peer: r.peer_text.clone(),
             ports: r.ports.as_ref().map(|p| {
@@ -284,6 +322,10 @@ fn identities(policy: &Policy) -> Result<Compiled, CompileError> {
             Mode::Audit => config.audit_identities |= bit,
             Mode::Enforce => config.enforce_identities |= bit,
         }
+        if id.raw {
+            config.raw_identities |= bit;
+            config.icmp_identities |= bit;
+        }
         infos.push(IdentityInfo {
             bit: bit_index,
             name: id.name.clone(),
@@ -292,6 +334,15 @@ fn identities(policy: &Policy) -> Result<Compiled, CompileError> {
             column: id.loc.column,
             mode: id.mode,
         });
+    }
+    // ICMP sockets: for identities that some allow rule (either direction) gives icmp —
+    // `proto = "icmp"`, or `proto = "any"` without ports (every protocol).
+    for rule in &policy.rules {
+        let gives_icmp = rule.proto == ProtoMatch::Icmp
+            || (rule.proto == ProtoMatch::Any && rule.ports.is_none());
+        if rule.action == Action::Allow && gives_icmp {
+            config.icmp_identities |= 1 << identity_bit(rule);
+        }
     }
     let hint = "name fewer distinct values in identities";
     check("exe", exes.len(), MAX_EXES, hint)?;
@@ -322,7 +373,8 @@ struct Interval {
     class: u32,
 }
 
-/// The port space of tcp and udp, cut at every range endpoint of the rules for that protocol.
+/// The port space of tcp and udp, cut at every range endpoint of the rules (of both directions)
+/// for that protocol.
 struct PortPartition {
     array: Vec<u32>,
     /// Intervals of tcp and udp, sorted, covering 1..=65535.
@@ -332,11 +384,13 @@ struct PortPartition {
 const TCP: usize = 0;
 const UDP: usize = 1;
 
+/// Whether a rule's ports are ports of protocol `p` (tcp or udp) of the port map.
 fn applies(proto: ProtoMatch, p: usize) -> bool {
     match proto {
         ProtoMatch::Any => true,
         ProtoMatch::Tcp => p == TCP,
         ProtoMatch::Udp => p == UDP,
+        ProtoMatch::Icmp => false,
     }
 }
 
@@ -387,13 +441,21 @@ impl PortPartition {
 
     /// The port classes a rule covers, sorted.
     fn classes(&self, rule: &Rule) -> Vec<u32> {
+        // ICMP has no ports (the parser refuses `ports` with icmp).
+        if rule.proto == ProtoMatch::Icmp {
+            return vec![PORT_CLASS_ALL_ICMP];
+        }
         let Some(ranges) = &rule.ports else {
             return match rule.proto {
                 ProtoMatch::Tcp => vec![PORT_CLASS_ALL_TCP],
                 ProtoMatch::Udp => vec![PORT_CLASS_ALL_UDP],
-                ProtoMatch::Any => {
-                    vec![PORT_CLASS_ALL_TCP, PORT_CLASS_ALL_UDP, PORT_CLASS_ALL_OTHER]
-                }
+                ProtoMatch::Icmp => vec![PORT_CLASS_ALL_ICMP],
+                ProtoMatch::Any => vec![
+                    PORT_CLASS_ALL_TCP,
+                    PORT_CLASS_ALL_UDP,
+                    PORT_CLASS_ALL_OTHER,
+                    PORT_CLASS_ALL_ICMP,
+                ],
             };
         };
         let mut out = Vec::new();
@@ -522,6 +584,11 @@ impl Nets {
     }
 }
 
+/// The identity bit of a rule's identity (`any` is bit 0).
+fn identity_bit(rule: &Rule) -> u32 {
+    rule.identity.map_or(ANY_IDENTITY_BIT, |i| i as u32 + 1)
+}
+
 /// One rule's contribution to one decision key, packed so that hits sort by key, then rule
 /// id: net class (bits 96..), port class (64..), rule id (32..), identity bit (8..), kind.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -529,7 +596,7 @@ struct Hit(u128);
 
 impl Hit {
     fn new(net_class: u32, port_class: u32, rule: &Rule) -> Hit {
-        let bit = rule.identity.map_or(ANY_IDENTITY_BIT, |i| i as u32 + 1);
+        let bit = identity_bit(rule);
         let kind = match (rule.action, rule.mode) {
             (Action::Allow, _) => RULE_KIND_ALLOW,
             (Action::Deny, Mode::Enforce) => RULE_KIND_DENY,

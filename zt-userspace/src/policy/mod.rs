@@ -75,12 +75,41 @@ impl fmt::Display for Action {
     }
 }
 
+/// Which traffic a rule is about.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Direction {
+    /// Outgoing: `identity` is the local process that connects or sends, `peer` the
+    /// destination, `ports` destination ports.
+    #[default]
+    Egress,
+    /// Incoming: `identity` is the local process that listens or receives, `peer` the remote
+    /// source, `ports` local ports.
+    Ingress,
+}
+
+impl Direction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::Egress => "egress",
+            Direction::Ingress => "ingress",
+        }
+    }
+}
+
+impl fmt::Display for Direction {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// The `proto` of a rule.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum ProtoMatch {
     Tcp,
     Udp,
-    /// With `ports`: tcp and udp. Without: every protocol.
+    /// ICMP and ICMPv6 (echo sockets and raw ICMP); never has ports.
+    Icmp,
+    /// With `ports`: tcp and udp. Without: every protocol (tcp, udp, icmp and others).
     #[default]
     Any,
 }
@@ -90,6 +119,7 @@ impl ProtoMatch {
         match self {
             ProtoMatch::Tcp => "tcp",
             ProtoMatch::Udp => "udp",
+            ProtoMatch::Icmp => "icmp",
             ProtoMatch::Any => "any",
         }
     }
@@ -171,6 +201,8 @@ pub struct Identity {
     pub uid: Option<u32>,
     pub gid: Option<u32>,
     pub cgroup: Option<CgroupMatch>,
+    /// `raw = true`: the identity may create raw sockets (and ICMP sockets).
+    pub raw: bool,
 }
 
 /// A named set of CIDRs (`[network.NAME]`).
@@ -193,14 +225,16 @@ pub struct Rule {
     pub loc: Loc,
     pub mode: Mode,
     pub action: Action,
-    /// Index into [`Policy::identities`]; `None` is `any`.
+    pub direction: Direction,
+    /// Index into [`Policy::identities`]; `None` is `any`. For ingress, the local process
+    /// that listens or receives.
     pub identity: Option<usize>,
     /// As written (`any` when omitted).
     pub identity_name: String,
     pub peer: Peer,
     /// As written.
     pub peer_text: String,
-    /// `None`: every port.
+    /// Destination ports (egress) or local ports (ingress); `None`: every port.
     pub ports: Option<Vec<PortRange>>,
     pub proto: ProtoMatch,
     pub log: bool,

@@ -18,7 +18,7 @@ use toml::Spanned;
 use zt_common::MAX_CGROUP_LEVEL;
 
 use super::diag::{closest, Diagnostic, LineIndex, Loc};
-use super::{Action, Mode, PortRange, ProtoMatch, POLICY_VERSION};
+use super::{Action, Direction, Mode, PortRange, ProtoMatch, POLICY_VERSION};
 
 /// A value and where it was written.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -49,6 +49,8 @@ pub(crate) struct IdentityAst {
     pub user: Option<At<Account>>,
     pub group: Option<At<Account>>,
     pub cgroup: Option<At<CgroupPath>>,
+    /// `raw = true`.
+    pub raw: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -70,6 +72,7 @@ pub(crate) struct RuleAst {
     pub loc: Loc,
     /// `None`: missing or invalid (already reported).
     pub action: Option<Action>,
+    pub direction: Direction,
     /// `None`: `any`.
     pub identity: Option<At<String>>,
     pub identity_name: String,
@@ -92,7 +95,9 @@ pub(crate) struct FileAst {
 }
 
 const TOP_KEYS: &[&str] = &["version", "mode", "identity", "network", "rule"];
-const IDENTITY_KEYS: &[&str] = &["exe", "user", "uid", "group", "gid", "cgroup"];
+const IDENTITY_KEYS: &[&str] = &["exe", "user", "uid", "group", "gid", "cgroup", "raw"];
+/// The identity keys that select processes (`raw` only grants a permission).
+const MATCHING_KEYS: &[&str] = &["exe", "user", "uid", "group", "gid", "cgroup"];
 const NETWORK_KEYS: &[&str] = &["cidrs"];
 const RULE_KEYS: &[&str] = &[
     "action",
@@ -487,6 +492,7 @@ impl Cx<'_> {
             user: None,
             group: None,
             cgroup: None,
+            raw: false,
         };
         let known = self.known(table, IDENTITY_KEYS, &format!("identity `{n}`"));
         if known.is_empty() {
@@ -495,7 +501,20 @@ impl Cx<'_> {
                 format!(
                     "identity `{n}` has no keys, so it would match every process: give at least \
                      one of {}, or write identity = \"any\" in the rules instead",
-                    IDENTITY_KEYS.join(", ")
+                    MATCHING_KEYS.join(", ")
+                ),
+            );
+        } else if !known
+            .iter()
+            .any(|(k, _)| MATCHING_KEYS.contains(&k.get_ref().as_ref()))
+        {
+            self.error(
+                name.span(),
+                format!(
+                    "identity `{n}` has no matching key, so it would match every process: `raw` \
+                     only grants a permission and does not select processes; give at least one \
+                     of {}",
+                    MATCHING_KEYS.join(", ")
                 ),
             );
         }
@@ -565,6 +584,15 @@ impl Cx<'_> {
                         }
                     }
                 }
+                "raw" => match v.get_ref().as_bool() {
+                    Some(b) => id.raw = b,
+                    None => self.wrong_type(
+                        "raw",
+                        v,
+                        "a boolean",
+                        " (raw = true lets the identity create raw sockets)",
+                    ),
+                },
                 _ => {}
             }
         }
@@ -673,6 +701,7 @@ impl Cx<'_> {
         let mut rule = RuleAst {
             loc: self.loc(span.clone()),
             action: None,
+            direction: Direction::Egress,
             identity: None,
             identity_name: "any".to_string(),
             peer: None,
@@ -682,6 +711,7 @@ impl Cx<'_> {
             log: false,
         };
         let (mut has_action, mut has_peer) = (false, false);
+        let mut ports_span = None;
         for (k, v) in self.known(table, RULE_KEYS, "[[rule]]") {
             let loc = self.loc(v.span());
             match k.get_ref().as_ref() {
@@ -701,15 +731,14 @@ impl Cx<'_> {
                 "direction" => {
                     if let Some(s) = self.string("direction", v, "") {
                         match s {
-                            "egress" => {}
-                            "ingress" => self.error(
-                                v.span(),
-                                "ingress rules are not supported yet (they come with inbound \
-                                 enforcement); remove this rule or set direction = \"egress\"",
-                            ),
+                            "egress" => rule.direction = Direction::Egress,
+                            "ingress" => rule.direction = Direction::Ingress,
                             _ => self.error(
                                 v.span(),
-                                format!("invalid direction `{s}`: use \"egress\" (the default)"),
+                                format!(
+                                    "invalid direction `{s}`: use \"egress\" (outgoing, the \
+                                     default) or \"ingress\" (incoming)"
+                                ),
                             ),
                         }
                     }
@@ -751,18 +780,29 @@ impl Cx<'_> {
                         rule.peer = peer.map(|v| At { v, loc });
                     }
                 }
-                "ports" => rule.ports = self.ports(v),
+                "ports" => {
+                    ports_span = Some(v.span());
+                    rule.ports = self.ports(v);
+                }
                 "proto" => {
                     if let Some(s) = self.string("proto", v, "") {
                         match s {
                             "tcp" => rule.proto = ProtoMatch::Tcp,
                             "udp" => rule.proto = ProtoMatch::Udp,
+                            "icmp" => rule.proto = ProtoMatch::Icmp,
                             "any" => rule.proto = ProtoMatch::Any,
+                            "icmpv6" | "icmp6" | "ipv6-icmp" | "ping" => self.error(
+                                v.span(),
+                                format!(
+                                    "invalid proto `{s}`: write \"icmp\", which covers ICMP and \
+                                     ICMPv6"
+                                ),
+                            ),
                             _ => self.error(
                                 v.span(),
                                 format!(
-                                    "invalid proto `{s}`: use \"tcp\", \"udp\" or \"any\" (any \
-                                     without ports covers every protocol)"
+                                    "invalid proto `{s}`: use \"tcp\", \"udp\", \"icmp\" or \
+                                     \"any\" (any without ports covers every protocol)"
                                 ),
                             ),
                         }
@@ -774,6 +814,14 @@ impl Cx<'_> {
                 },
                 _ => {}
             }
+        }
+        if let (ProtoMatch::Icmp, Some(ports)) = (rule.proto, ports_span) {
+            self.error(
+                ports,
+                "`ports` cannot be used with proto = \"icmp\": ICMP has no ports; remove \
+                 `ports` (an icmp rule covers all ICMP and ICMPv6 traffic with its peer)",
+            );
+            rule.ports = None;
         }
         if !has_action {
             self.error(

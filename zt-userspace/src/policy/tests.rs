@@ -352,7 +352,7 @@ port = [80]
     has(
         &d,
         "p.toml:5:1: unknown key `exec` in identity `a` (did you mean `exe`?)",
-        "allowed keys: exe, user, uid, group, gid, cgroup",
+        "allowed keys: exe, user, uid, group, gid, cgroup, raw",
     );
     has(
         &d,
@@ -483,7 +483,7 @@ mode = "monitor"
 [[rule]]
 action = "permit"
 direction = "outbound"
-proto = "icmp"
+proto = "gre"
 peer = "any"
 "#,
     )]);
@@ -505,29 +505,36 @@ peer = "any"
     has(
         &d,
         "p.toml:5:13: invalid direction `outbound`",
-        "\"egress\"",
+        "use \"egress\" (outgoing, the default) or \"ingress\" (incoming)",
     );
     has(
         &d,
-        "p.toml:6:9: invalid proto `icmp`",
-        "\"tcp\", \"udp\" or \"any\"",
+        "p.toml:6:9: invalid proto `gre`",
+        "\"tcp\", \"udp\", \"icmp\" or \"any\"",
     );
     assert_eq!(d.len(), 5, "{d:#?}");
 }
 
 #[test]
-fn ingress_is_not_supported_yet() {
-    let d = errors(&[(
-        "p.toml",
-        "version = 1\n[[rule]]\naction = \"allow\"\ndirection = \"ingress\"\npeer = \"any\"\n",
-    )]);
+fn ingress_direction_is_accepted() {
+    let (policy, warnings) = ok(
+        "version = 1\n[[rule]]\naction = \"allow\"\ndirection = \"ingress\"\npeer = \"any\"\n\
+         [[rule]]\naction = \"allow\"\npeer = \"any\"\n[[rule]]\naction = \"deny\"\n\
+         direction = \"egress\"\npeer = \"any\"\n",
+    );
+    assert!(warnings.is_empty(), "{}", lines(&warnings));
+    let dirs: Vec<(u32, Direction)> = policy.rules().iter().map(|r| (r.id, r.direction)).collect();
     assert_eq!(
-        d,
-        vec![
-            "p.toml:4:13: ingress rules are not supported yet (they come with inbound \
-             enforcement); remove this rule or set direction = \"egress\""
+        dirs,
+        [
+            (1, Direction::Ingress),
+            (2, Direction::Egress),
+            (3, Direction::Egress)
         ]
     );
+    assert_eq!(Direction::Ingress.as_str(), "ingress");
+    assert_eq!(Direction::Egress.to_string(), "egress");
+    assert_eq!(Direction::default(), Direction::Egress);
 }
 
 #[test]
@@ -901,6 +908,18 @@ fn empty_directories_and_unreadable_files() {
 /// What the kernel would probe for a destination: the values of the (at most four) decision
 /// keys, found as the programs do (LPM on the trie, port array, `any` classes).
 fn probe(c: &Compiled, addr: &str, proto: Proto, port: u16) -> Vec<(DecisionKey, DecisionValue)> {
+    probe_dir(c, Direction::Egress, addr, proto, port)
+}
+
+/// [`probe`] for either direction: for ingress, `addr` is the remote source and `port` the
+/// local port, and every probed port class carries `INGRESS`.
+fn probe_dir(
+    c: &Compiled,
+    dir: Direction,
+    addr: &str,
+    proto: Proto,
+    port: u16,
+) -> Vec<(DecisionKey, DecisionValue)> {
     let addr: IpAddr = addr.parse().expect("address");
     let (net_class, any) = match addr {
         IpAddr::V4(a) => {
@@ -932,11 +951,7 @@ fn probe(c: &Compiled, addr: &str, proto: Proto, port: u16) -> Vec<(DecisionKey,
             (best.map(|b| b.2), NET_CLASS_ANY6)
         }
     };
-    let (port_class, all) = match proto {
-        Proto::Tcp => (c.ports[usize::from(port)], PORT_CLASS_ALL_TCP),
-        Proto::Udp => (c.ports[65536 + usize::from(port)], PORT_CLASS_ALL_UDP),
-        Proto::Other => (0, PORT_CLASS_ALL_OTHER),
-    };
+    let (port_class, all) = port_classes(c, dir, proto, port);
     let mut keys = vec![];
     for net in net_class.into_iter().chain([any]) {
         for pc in [port_class, all] {
@@ -953,13 +968,94 @@ fn probe(c: &Compiled, addr: &str, proto: Proto, port: u16) -> Vec<(DecisionKey,
         .collect()
 }
 
+/// The port class of `port` and the "every port" class of `proto`, as the programs look them
+/// up (0: no class), with `INGRESS` for ingress.
+fn port_classes(c: &Compiled, dir: Direction, proto: Proto, port: u16) -> (u32, u32) {
+    let (port_class, all) = match proto {
+        Proto::Tcp => (c.ports[usize::from(port)], PORT_CLASS_ALL_TCP),
+        Proto::Udp => (c.ports[65536 + usize::from(port)], PORT_CLASS_ALL_UDP),
+        Proto::Icmp => (0, PORT_CLASS_ALL_ICMP),
+        Proto::Other => (0, PORT_CLASS_ALL_OTHER),
+    };
+    let flag = match dir {
+        Direction::Egress => 0,
+        Direction::Ingress => INGRESS,
+    };
+    let with = |pc: u32| if pc == 0 { 0 } else { pc | flag };
+    (with(port_class), with(all))
+}
+
 /// Identity masks allowed / denied / audit-denied for a destination.
 fn masks(c: &Compiled, addr: &str, proto: Proto, port: u16) -> (u64, u64, u64) {
-    probe(c, addr, proto, port)
+    masks_dir(c, Direction::Egress, addr, proto, port)
+}
+
+/// [`masks`] for either direction.
+fn masks_dir(c: &Compiled, dir: Direction, addr: &str, proto: Proto, port: u16) -> (u64, u64, u64) {
+    probe_dir(c, dir, addr, proto, port)
         .iter()
         .fold((0, 0, 0), |m, (_, v)| {
             (m.0 | v.allow, m.1 | v.deny, m.2 | v.audit_deny)
         })
+}
+
+/// The verdict and deciding rule for a task matching identities `ids`, as `decide.rs` makes
+/// it: the first probe with a matching bit wins per kind; deny, then audit deny, then allow,
+/// then the default (audit for audit-only identities); the rule is the lowest matching bit's.
+fn decide(
+    c: &Compiled,
+    dir: Direction,
+    ids: u64,
+    addr: &str,
+    proto: Proto,
+    port: u16,
+) -> (Verdict, u32) {
+    let mut hits: [Option<(DecisionValue, u64)>; 3] = [None; 3];
+    for (_, v) in probe_dir(c, dir, addr, proto, port) {
+        for (kind, mask) in [v.allow, v.deny, v.audit_deny].into_iter().enumerate() {
+            if hits[kind].is_none() && mask & ids != 0 {
+                hits[kind] = Some((v, mask & ids));
+            }
+        }
+    }
+    let rule = |kind: u32| {
+        hits[kind as usize]
+            .and_then(|(v, m)| rule_of(c, &v, m.trailing_zeros(), kind))
+            .unwrap_or(RULE_DEFAULT)
+    };
+    if hits[RULE_KIND_DENY as usize].is_some() {
+        (Verdict::Deny, rule(RULE_KIND_DENY))
+    } else if hits[RULE_KIND_AUDIT_DENY as usize].is_some() {
+        (Verdict::Audit, rule(RULE_KIND_AUDIT_DENY))
+    } else if hits[RULE_KIND_ALLOW as usize].is_some() {
+        (Verdict::Allow, rule(RULE_KIND_ALLOW))
+    } else if ids & c.config.enforce_identities == 0 && ids & c.config.audit_identities != 0 {
+        (Verdict::Audit, RULE_DEFAULT)
+    } else {
+        (Verdict::Deny, RULE_DEFAULT)
+    }
+}
+
+/// Whether a task matching `ids` may bind local `port`, as the bind hook decides: port 0 always;
+/// otherwise some allow bit at `(NET_CLASS_BIND, class | INGRESS)` of the port's class or of
+/// every port of the protocol. `Some(rule)` (the granting rule) or `None` (refused).
+fn bind(c: &Compiled, ids: u64, proto: Proto, port: u16) -> Option<u32> {
+    if port == 0 {
+        return Some(RULE_DEFAULT);
+    }
+    let (port_class, all) = port_classes(c, Direction::Ingress, proto, port);
+    [port_class, all]
+        .into_iter()
+        .filter(|&pc| pc != 0)
+        .filter_map(|pc| {
+            let key = DecisionKey {
+                net_class: NET_CLASS_BIND,
+                port_class: pc,
+            };
+            c.decisions.iter().find(|(k, _)| *k == key).map(|(_, v)| *v)
+        })
+        .find(|v| v.allow & ids != 0)
+        .and_then(|v| rule_of(c, &v, (v.allow & ids).trailing_zeros(), RULE_KIND_ALLOW))
 }
 
 /// The rule-of entry for one decision value, identity bit and kind.
@@ -1113,14 +1209,17 @@ proto = "tcp"
     // ports + tcp = tcp only.
     assert_eq!(masks(&c, "10.0.0.1", Proto::Tcp, 80), (1, 0, 0));
     assert_eq!(masks(&c, "10.0.0.1", Proto::Udp, 80), (0, 0, 0));
-    // No ports + any = every protocol.
-    for proto in [Proto::Tcp, Proto::Udp, Proto::Other] {
+    // No ports + any = every protocol, icmp included.
+    for proto in [Proto::Tcp, Proto::Udp, Proto::Icmp, Proto::Other] {
         assert_eq!(masks(&c, "192.168.1.1", proto, 7), (0, 1, 0));
     }
+    // ... but with ports, not icmp.
+    assert_eq!(masks(&c, "10.0.0.1", Proto::Icmp, 0), (0, 0, 0));
     // No ports + tcp = every tcp port only.
     assert_eq!(masks(&c, "172.16.0.1", Proto::Tcp, 1), (0, 1, 0));
     assert_eq!(masks(&c, "172.16.0.1", Proto::Udp, 1), (0, 0, 0));
     assert_eq!(masks(&c, "172.16.0.1", Proto::Other, 0), (0, 0, 0));
+    assert_eq!(masks(&c, "172.16.0.1", Proto::Icmp, 0), (0, 0, 0));
     // The exact keys of the first rule.
     let first: Vec<u32> = c
         .decisions
@@ -1141,7 +1240,8 @@ proto = "tcp"
             PORT_CLASS_ALL_TCP,
             PORT_CLASS_ALL_TCP,
             PORT_CLASS_ALL_UDP,
-            PORT_CLASS_ALL_OTHER
+            PORT_CLASS_ALL_OTHER,
+            PORT_CLASS_ALL_ICMP
         ]
     );
 }
@@ -1334,6 +1434,7 @@ proto = "tcp"
             (NET_CLASS_FIRST, PORT_CLASS_ALL_TCP),
             (NET_CLASS_FIRST, PORT_CLASS_ALL_UDP),
             (NET_CLASS_FIRST, PORT_CLASS_ALL_OTHER),
+            (NET_CLASS_FIRST, PORT_CLASS_ALL_ICMP),
         ]
     );
 }
@@ -1477,4 +1578,652 @@ fn shipped_policies_load_and_compile() {
     assert!(warnings.is_empty(), "{}", lines(&warnings));
     assert!(policy.counts().files >= 2);
     compile(&policy).expect("shipped policies compile");
+}
+
+// ---- Ingress rules, bind grants, ICMP, raw sockets ------------------------------------------
+
+/// The README's sshd example.
+const SSHD: &str = r#"version = 1
+
+[identity.sshd]
+exe = "/usr/sbin/nginx"          # stands in for /usr/sbin/sshd
+uid = 0
+
+[network.admins]
+cidrs = ["10.9.0.0/16", "fd00:9::/48"]
+
+[[rule]]
+action = "allow"
+direction = "ingress"
+identity = "sshd"
+peer = "admins"
+ports = [22]
+proto = "tcp"
+
+[[rule]]
+action = "deny"
+direction = "ingress"
+identity = "any"
+peer = "203.0.113.0/24"
+"#;
+
+#[test]
+fn ingress_rules_compile_with_ingress_keys() {
+    let text = format!(
+        "{SSHD}
+[identity.web]
+user = \"www-data\"
+[network.db]
+cidrs = [\"10.2.0.0/24\"]
+[[rule]]
+action = \"allow\"
+identity = \"web\"
+peer = \"db\"
+ports = [5432]
+proto = \"tcp\"
+"
+    );
+    let (policy, warnings) = ok(&text);
+    assert!(warnings.is_empty(), "{}", lines(&warnings));
+    let c = compile(&policy).expect("compiles");
+    let (sshd, web) = (0b10, 0b100);
+    // Rule ids count across both directions, in policy order.
+    let rules: Vec<(u32, Direction, String)> = c
+        .rules
+        .iter()
+        .map(|r| (r.id, r.direction, r.summary()))
+        .collect();
+    assert_eq!(
+        rules,
+        [
+            (
+                1,
+                Direction::Ingress,
+                "allow ingress sshd <- admins tcp/22".to_string()
+            ),
+            (
+                2,
+                Direction::Ingress,
+                "deny ingress any <- 203.0.113.0/24 any".to_string()
+            ),
+            (3, Direction::Egress, "allow web -> db tcp/5432".to_string()),
+        ]
+    );
+    assert_eq!(c.config.rules, 3);
+    // Same net classes for both directions; ingress keys carry INGRESS, egress keys never.
+    let tcp22 = c.ports[22];
+    let tcp5432 = c.ports[5432];
+    assert!(tcp22 >= PORT_CLASS_FIRST && tcp5432 >= PORT_CLASS_FIRST && tcp22 != tcp5432);
+    let keys: Vec<(u32, u32)> = c
+        .decisions
+        .iter()
+        .map(|(k, _)| (k.net_class, k.port_class))
+        .collect();
+    let ingress_any = [
+        PORT_CLASS_ALL_TCP,
+        PORT_CLASS_ALL_UDP,
+        PORT_CLASS_ALL_OTHER,
+        PORT_CLASS_ALL_ICMP,
+    ];
+    let mut want: Vec<(u32, u32)> = vec![(NET_CLASS_BIND, tcp22 | INGRESS)];
+    // Trie: 10.2.0.0/24 (16), 10.9.0.0/16 (17), 203.0.113.0/24 (18), fd00:9::/48 (19).
+    want.push((NET_CLASS_FIRST, tcp5432));
+    want.push((NET_CLASS_FIRST + 1, tcp22 | INGRESS));
+    want.extend(ingress_any.map(|pc| (NET_CLASS_FIRST + 2, pc | INGRESS)));
+    want.push((NET_CLASS_FIRST + 3, tcp22 | INGRESS));
+    assert_eq!(keys, want);
+    assert!(c
+        .decisions
+        .iter()
+        .all(|(k, _)| (k.port_class & INGRESS == 0) == (k.net_class == NET_CLASS_FIRST)));
+
+    let ingress = |ids, addr, proto, port| decide(&c, Direction::Ingress, ids, addr, proto, port);
+    let egress = |ids, addr, proto, port| decide(&c, Direction::Egress, ids, addr, proto, port);
+    assert_eq!(
+        ingress(sshd, "10.9.1.1", Proto::Tcp, 22),
+        (Verdict::Allow, 1)
+    );
+    assert_eq!(
+        ingress(sshd | 1, "fd00:9::7", Proto::Tcp, 22),
+        (Verdict::Allow, 1)
+    );
+    // Wrong source, port, protocol or identity: the default deny.
+    assert_eq!(
+        ingress(sshd, "10.8.0.1", Proto::Tcp, 22),
+        (Verdict::Deny, 0)
+    );
+    assert_eq!(
+        ingress(sshd, "10.9.1.1", Proto::Tcp, 23),
+        (Verdict::Deny, 0)
+    );
+    assert_eq!(
+        ingress(sshd, "10.9.1.1", Proto::Udp, 22),
+        (Verdict::Deny, 0)
+    );
+    assert_eq!(ingress(web, "10.9.1.1", Proto::Tcp, 22), (Verdict::Deny, 0));
+    // The host-wide block list: every identity, every protocol.
+    for ids in [1, sshd | 1, web | 1] {
+        for proto in [Proto::Tcp, Proto::Udp, Proto::Icmp, Proto::Other] {
+            assert_eq!(
+                ingress(ids, "203.0.113.5", proto, 22),
+                (Verdict::Deny, 2),
+                "{ids:#b} {proto:?}"
+            );
+        }
+    }
+    // Ingress rules say nothing about egress, nor egress rules about ingress.
+    assert_eq!(egress(sshd, "10.9.1.1", Proto::Tcp, 22), (Verdict::Deny, 0));
+    assert_eq!(
+        egress(web | 1, "203.0.113.5", Proto::Tcp, 22),
+        (Verdict::Deny, 0)
+    );
+    assert_eq!(
+        egress(web, "10.2.0.9", Proto::Tcp, 5432),
+        (Verdict::Allow, 3)
+    );
+    assert_eq!(
+        ingress(web, "10.2.0.9", Proto::Tcp, 5432),
+        (Verdict::Deny, 0)
+    );
+    // The loader fills in the ephemeral range.
+    assert_eq!((c.config.ephemeral_low, c.config.ephemeral_high), (0, 0));
+}
+
+#[test]
+fn ingress_rules_of_audit_files_audit() {
+    let c = compiled(
+        r#"version = 1
+mode = "audit"
+[identity.db]
+user = "postgres"
+[[rule]]
+action = "deny"
+direction = "ingress"
+identity = "db"
+peer = "10.0.0.0/8"
+ports = [5432]
+proto = "tcp"
+[[rule]]
+action = "allow"
+direction = "ingress"
+identity = "db"
+peer = "any"
+ports = [5432]
+proto = "tcp"
+"#,
+    );
+    let db = 0b10;
+    assert_eq!(
+        masks_dir(&c, Direction::Ingress, "10.1.1.1", Proto::Tcp, 5432),
+        (db, 0, db)
+    );
+    assert_eq!(
+        decide(&c, Direction::Ingress, db, "10.1.1.1", Proto::Tcp, 5432),
+        (Verdict::Audit, 1)
+    );
+    assert_eq!(
+        decide(&c, Direction::Ingress, db, "192.0.2.1", Proto::Tcp, 5432),
+        (Verdict::Allow, 2)
+    );
+    // Default deny of an audit-only identity is an audit.
+    assert_eq!(
+        decide(&c, Direction::Ingress, db, "192.0.2.1", Proto::Tcp, 80),
+        (Verdict::Audit, 0)
+    );
+    // Allow rules of audit files grant binds too.
+    assert_eq!(bind(&c, db, Proto::Tcp, 5432), Some(2));
+    assert_eq!(
+        c.rules[0].to_string(),
+        "deny ingress db <- 10.0.0.0/8 tcp/5432 [audit]"
+    );
+}
+
+#[test]
+fn bind_grants() {
+    let c = compiled(
+        r#"version = 1
+[identity.a]
+uid = 1
+[identity.b]
+uid = 2
+[identity.c]
+uid = 3
+[identity.d]
+uid = 4
+[[rule]]
+action = "allow"
+direction = "ingress"
+identity = "a"
+peer = "10.9.0.0/16"
+ports = [22, "8000-8100"]
+proto = "tcp"
+[[rule]]
+action = "allow"
+direction = "ingress"
+identity = "b"
+peer = "any"
+proto = "tcp"
+[[rule]]
+action = "deny"
+direction = "ingress"
+identity = "c"
+peer = "any"
+ports = [22]
+[[rule]]
+action = "allow"
+direction = "ingress"
+peer = "10.0.0.1"
+ports = [53]
+proto = "udp"
+[[rule]]
+action = "allow"
+direction = "ingress"
+identity = "a"
+peer = "fd00::/8"
+ports = ["20-30"]
+proto = "tcp"
+[[rule]]
+action = "allow"
+identity = "d"
+peer = "any"
+ports = [9000]
+[[rule]]
+action = "allow"
+direction = "ingress"
+identity = "d"
+peer = "any"
+"#,
+    );
+    let (a, b, cc, d) = (1 << 1, 1 << 2, 1 << 3, 1 << 4);
+    // Ports and ranges, whatever the peer; the lowest granting rule is reported.
+    assert_eq!(bind(&c, a, Proto::Tcp, 22), Some(1));
+    assert_eq!(bind(&c, a | b, Proto::Tcp, 22), Some(1));
+    assert_eq!(bind(&c, a, Proto::Tcp, 8000), Some(1));
+    assert_eq!(bind(&c, a, Proto::Tcp, 8100), Some(1));
+    assert_eq!(bind(&c, a, Proto::Tcp, 25), Some(5));
+    assert_eq!(bind(&c, a, Proto::Tcp, 8101), None);
+    assert_eq!(bind(&c, a, Proto::Tcp, 31), None);
+    assert_eq!(bind(&c, a, Proto::Udp, 22), None);
+    // Port 0 (an ephemeral port) is always allowed.
+    assert_eq!(bind(&c, a, Proto::Udp, 0), Some(0));
+    // No ports: every port of the protocol.
+    assert_eq!(bind(&c, b, Proto::Tcp, 1), Some(2));
+    assert_eq!(bind(&c, b, Proto::Tcp, 65535), Some(2));
+    assert_eq!(bind(&c, b, Proto::Udp, 1), None);
+    // Deny rules grant nothing.
+    assert_eq!(bind(&c, cc, Proto::Tcp, 22), None);
+    assert_eq!(bind(&c, cc, Proto::Udp, 22), None);
+    // `any` (bit 0) matches every task.
+    assert_eq!(bind(&c, 1, Proto::Udp, 53), Some(4));
+    assert_eq!(bind(&c, 1 | cc, Proto::Udp, 53), Some(4));
+    assert_eq!(bind(&c, 1, Proto::Tcp, 53), None);
+    // Egress rules grant nothing; an ingress rule without ports and proto any grants every
+    // port of every protocol.
+    assert_eq!(bind(&c, d, Proto::Tcp, 9000), Some(7));
+    assert_eq!(bind(&c, d, Proto::Udp, 9), Some(7));
+    // Bind entries hold only allow masks; one entry per granted class (deny rules add none).
+    let bind_keys: Vec<(u32, DecisionValue)> = c
+        .decisions
+        .iter()
+        .filter(|(k, _)| k.net_class == NET_CLASS_BIND)
+        .map(|(k, v)| (k.port_class, *v))
+        .collect();
+    assert!(bind_keys
+        .iter()
+        .all(|(pc, v)| pc & INGRESS != 0 && v.deny == 0 && v.audit_deny == 0 && v.allow != 0));
+    let all: Vec<u32> = bind_keys
+        .iter()
+        .map(|(pc, _)| pc & !INGRESS)
+        .filter(|&pc| pc < PORT_CLASS_FIRST)
+        .collect();
+    assert_eq!(
+        all,
+        [
+            PORT_CLASS_ALL_TCP,
+            PORT_CLASS_ALL_UDP,
+            PORT_CLASS_ALL_OTHER,
+            PORT_CLASS_ALL_ICMP
+        ]
+    );
+    let all_tcp = bind_keys
+        .iter()
+        .find(|(pc, _)| *pc == PORT_CLASS_ALL_TCP | INGRESS)
+        .map(|(_, v)| v.allow);
+    assert_eq!(all_tcp, Some(b | d));
+    // tcp 20-21 | 22 | 23-30 | 8000-8100 (rules 1, 3, 5) and udp 22 (rule 3), 53 (rule 4), 9000
+    // (egress rule 6): the classes that have a grant.
+    let granted: Vec<u32> = bind_keys
+        .iter()
+        .map(|(pc, _)| pc & !INGRESS)
+        .filter(|&pc| pc >= PORT_CLASS_FIRST)
+        .collect();
+    let want: Vec<u32> = [20, 22, 23, 8000]
+        .map(|p| c.ports[p])
+        .into_iter()
+        .chain([c.ports[65536 + 53]])
+        .collect();
+    assert_eq!(granted, want);
+}
+
+#[test]
+fn egress_and_ingress_share_the_port_partition() {
+    let c = compiled(
+        r#"version = 1
+[identity.x]
+uid = 1
+[identity.y]
+uid = 2
+[[rule]]
+action = "allow"
+identity = "x"
+peer = "10.0.0.0/8"
+ports = ["1000-2000"]
+proto = "tcp"
+[[rule]]
+action = "allow"
+direction = "ingress"
+identity = "y"
+peer = "10.0.0.0/8"
+ports = ["1500-2500"]
+proto = "tcp"
+"#,
+    );
+    let (x, y) = (0b10, 0b100);
+    let tcp = |p: usize| c.ports[p];
+    // 1000-1499 | 1500-2000 | 2001-2500.
+    assert_eq!(tcp(999), 0);
+    assert_eq!(tcp(1000), tcp(1499));
+    assert_eq!(tcp(1500), tcp(2000));
+    assert_eq!(tcp(2001), tcp(2500));
+    assert_eq!(tcp(2501), 0);
+    let classes = [tcp(1000), tcp(1500), tcp(2001)];
+    assert!(classes.iter().all(|&pc| pc >= PORT_CLASS_FIRST));
+    assert!(classes[0] != classes[1] && classes[1] != classes[2] && classes[0] != classes[2]);
+    // The same partition for both directions: egress has the first two classes, ingress the
+    // last two, at the same net class.
+    let keys: Vec<(u32, u32)> = c
+        .decisions
+        .iter()
+        .filter(|(k, _)| k.net_class == NET_CLASS_FIRST)
+        .map(|(k, _)| (k.net_class, k.port_class))
+        .collect();
+    let mut want = vec![
+        (NET_CLASS_FIRST, classes[0]),
+        (NET_CLASS_FIRST, classes[1]),
+        (NET_CLASS_FIRST, classes[1] | INGRESS),
+        (NET_CLASS_FIRST, classes[2] | INGRESS),
+    ];
+    want.sort_unstable();
+    assert_eq!(keys, want);
+
+    let d = |dir, ids, port| decide(&c, dir, ids, "10.1.1.1", Proto::Tcp, port).0;
+    assert_eq!(d(Direction::Egress, x, 1200), Verdict::Allow);
+    assert_eq!(d(Direction::Egress, x, 1800), Verdict::Allow);
+    assert_eq!(d(Direction::Egress, x, 2200), Verdict::Deny);
+    assert_eq!(d(Direction::Ingress, y, 1200), Verdict::Deny);
+    assert_eq!(d(Direction::Ingress, y, 1800), Verdict::Allow);
+    assert_eq!(d(Direction::Ingress, y, 2500), Verdict::Allow);
+    assert_eq!(d(Direction::Egress, y, 1800), Verdict::Deny);
+    assert_eq!(d(Direction::Ingress, x, 1800), Verdict::Deny);
+    assert_eq!(bind(&c, y, Proto::Tcp, 1500), Some(2));
+    assert_eq!(bind(&c, y, Proto::Tcp, 2500), Some(2));
+    assert_eq!(bind(&c, y, Proto::Tcp, 1499), None);
+    assert_eq!(bind(&c, x, Proto::Tcp, 1500), None);
+}
+
+#[test]
+fn icmp_rules() {
+    let c = compiled(
+        r#"version = 1
+[identity.mon]
+uid = 1
+[[rule]]
+action = "allow"
+identity = "mon"
+peer = "10.0.0.0/8"
+proto = "icmp"
+[[rule]]
+action = "allow"
+direction = "ingress"
+identity = "mon"
+peer = "any"
+proto = "icmp"
+"#,
+    );
+    let mon = 0b10;
+    let keys: Vec<(u32, u32)> = c
+        .decisions
+        .iter()
+        .map(|(k, _)| (k.net_class, k.port_class))
+        .collect();
+    assert_eq!(
+        keys,
+        [
+            (NET_CLASS_ANY4, PORT_CLASS_ALL_ICMP | INGRESS),
+            (NET_CLASS_ANY6, PORT_CLASS_ALL_ICMP | INGRESS),
+            (NET_CLASS_BIND, PORT_CLASS_ALL_ICMP | INGRESS),
+            (NET_CLASS_FIRST, PORT_CLASS_ALL_ICMP),
+        ]
+    );
+    // icmp uses no port classes.
+    assert!(c.ports.iter().all(|&pc| pc == 0));
+    assert_eq!(masks(&c, "10.1.2.3", Proto::Icmp, 0), (mon, 0, 0));
+    assert_eq!(masks(&c, "10.1.2.3", Proto::Tcp, 7), (0, 0, 0));
+    assert_eq!(masks(&c, "10.1.2.3", Proto::Other, 0), (0, 0, 0));
+    assert_eq!(masks(&c, "11.0.0.1", Proto::Icmp, 0), (0, 0, 0));
+    assert_eq!(
+        decide(&c, Direction::Ingress, mon, "fd00::1", Proto::Icmp, 0),
+        (Verdict::Allow, 2)
+    );
+    assert_eq!(c.rules[0].summary(), "allow mon -> 10.0.0.0/8 icmp");
+    assert_eq!(c.rules[1].summary(), "allow ingress mon <- any icmp");
+    assert_eq!(c.config.icmp_identities, mon);
+    assert_eq!(c.config.raw_identities, 0);
+}
+
+#[test]
+fn icmp_with_ports_is_an_error() {
+    let d = errors(&[(
+        "p.toml",
+        r#"version = 1
+[[rule]]
+action = "allow"
+peer = "any"
+proto = "icmp"
+ports = [8]
+[[rule]]
+action = "allow"
+ports = ["1-10"]
+peer = "any"
+  proto = "icmp"
+[[rule]]
+action = "allow"
+peer = "any"
+proto = "icmpv6"
+"#,
+    )]);
+    has(
+        &d,
+        "p.toml:6:9: `ports` cannot be used with proto = \"icmp\": ICMP has no ports",
+        "remove `ports`",
+    );
+    // Wherever `proto` comes, the error is at `ports`.
+    has(
+        &d,
+        "p.toml:9:9: `ports` cannot be used with proto = \"icmp\"",
+        "",
+    );
+    has(
+        &d,
+        "p.toml:15:9: invalid proto `icmpv6`: write \"icmp\", which covers ICMP and ICMPv6",
+        "",
+    );
+    assert_eq!(d.len(), 3, "{d:#?}");
+}
+
+#[test]
+fn proto_any_without_ports_covers_icmp_in_both_directions() {
+    let c = compiled(
+        r#"version = 1
+[[rule]]
+action = "allow"
+direction = "ingress"
+peer = "10.0.0.0/8"
+[[rule]]
+action = "deny"
+peer = "10.0.0.0/8"
+ports = [7]
+"#,
+    );
+    for proto in [Proto::Tcp, Proto::Udp, Proto::Icmp, Proto::Other] {
+        assert_eq!(
+            decide(&c, Direction::Ingress, 1, "10.1.1.1", proto, 9),
+            (Verdict::Allow, 1),
+            "{proto:?}"
+        );
+        assert_eq!(
+            decide(&c, Direction::Egress, 1, "10.1.1.1", proto, 9),
+            (Verdict::Deny, 0),
+            "{proto:?}"
+        );
+    }
+    assert_eq!(
+        decide(&c, Direction::Egress, 1, "10.1.1.1", Proto::Udp, 7),
+        (Verdict::Deny, 2)
+    );
+    assert_eq!(
+        decide(&c, Direction::Ingress, 1, "10.1.1.1", Proto::Udp, 7),
+        (Verdict::Allow, 1)
+    );
+    // An allow rule with proto any and no ports covers ICMP: its identity (here `any`, bit
+    // 0) may create ICMP sockets.
+    assert_eq!(c.config.icmp_identities, 1);
+}
+
+#[test]
+fn raw_and_icmp_identities() {
+    let c = compiled(
+        r#"version = 1
+[identity.pinger]
+uid = 0
+raw = true
+[identity.icmper]
+user = "www-data"
+[identity.ingress_icmp]
+user = "postgres"
+[identity.denied]
+uid = 5
+[identity.plain]
+uid = 6
+raw = false
+[identity.tcp_only]
+uid = 7
+[[rule]]
+action = "allow"
+identity = "icmper"
+peer = "any"
+proto = "icmp"
+[[rule]]
+action = "allow"
+direction = "ingress"
+identity = "ingress_icmp"
+peer = "10.0.0.0/8"
+proto = "icmp"
+[[rule]]
+action = "deny"
+identity = "denied"
+peer = "any"
+proto = "icmp"
+[[rule]]
+action = "allow"
+identity = "tcp_only"
+peer = "any"
+proto = "tcp"
+"#,
+    );
+    let (pinger, icmper, ingress_icmp) = (1 << 1, 1 << 2, 1 << 3);
+    assert_eq!(c.config.raw_identities, pinger);
+    assert_eq!(c.config.icmp_identities, pinger | icmper | ingress_icmp);
+    // `raw` does not change what the identity matches.
+    assert_eq!(c.uids[0], (0, pinger));
+    assert_eq!(c.config.uid_wildcard, 1);
+
+    // `identity = "any"` with proto icmp: bit 0.
+    let c = compiled(
+        "version = 1\n[[rule]]\naction = \"allow\"\nidentity = \"any\"\npeer = \"any\"\n\
+         proto = \"icmp\"\n",
+    );
+    assert_eq!((c.config.icmp_identities, c.config.raw_identities), (1, 0));
+}
+
+#[test]
+fn raw_problems() {
+    let d = errors(&[(
+        "p.toml",
+        r#"version = 1
+[identity.a]
+uid = 1
+raw = "yes"
+[identity.b]
+raw = true
+[identity.c]
+raw = 1
+rwa = true
+"#,
+    )]);
+    has(
+        &d,
+        "p.toml:4:7: `raw` must be a boolean, not a string",
+        "raw = true",
+    );
+    has(
+        &d,
+        "p.toml:5:11: identity `b` has no matching key, so it would match every process",
+        "`raw` only grants a permission and does not select processes; give at least one of \
+         exe, user, uid, group, gid, cgroup",
+    );
+    has(&d, "p.toml:7:11: identity `c` has no matching key", "");
+    has(
+        &d,
+        "p.toml:8:7: `raw` must be a boolean, not an integer",
+        "",
+    );
+    has(
+        &d,
+        "p.toml:9:1: unknown key `rwa` in identity `c` (did you mean `raw`?)",
+        "",
+    );
+    assert_eq!(d.len(), 5, "{d:#?}");
+}
+
+#[test]
+fn sshd_example_from_the_readme() {
+    let readme = include_str!("../../../README.md");
+    let start = readme
+        .find("[identity.sshd]")
+        .expect("the README has the sshd example");
+    let end = start + readme[start..].find("```").expect("the example ends");
+    let example = format!("version = 1\n{}", &readme[start..end]);
+    let (policy, warnings) =
+        match load_sources(&[(PathBuf::from("sshd.toml"), example.clone())], &Lenient) {
+            Ok(x) => x,
+            Err(d) => panic!("README example has errors:\n{}\n{example}", lines(&d)),
+        };
+    assert!(warnings.is_empty(), "{}", lines(&warnings));
+    let c = compile(&policy).expect("compiles");
+    let sshd = 0b10;
+    assert!(c
+        .rules
+        .iter()
+        .any(|r| r.summary() == "allow ingress sshd <- admins tcp/22"));
+    assert_eq!(bind(&c, sshd, Proto::Tcp, 22), Some(1));
+    assert_eq!(bind(&c, 1, Proto::Tcp, 22), None);
+    assert_eq!(
+        decide(&c, Direction::Ingress, sshd, "10.9.1.1", Proto::Tcp, 22).0,
+        Verdict::Allow
+    );
+    assert_eq!(
+        decide(&c, Direction::Ingress, sshd, "192.0.2.1", Proto::Tcp, 22).0,
+        Verdict::Deny
+    );
 }

@@ -134,6 +134,7 @@ pub(crate) fn build(
                 loc: r.loc,
                 mode: file.mode,
                 action,
+                direction: r.direction,
                 identity,
                 identity_name: r.identity_name.clone(),
                 peer,
@@ -263,6 +264,7 @@ fn resolve_identity(
         uid,
         gid,
         cgroup,
+        raw: id.raw,
     }
 }
 
