@@ -1176,3 +1176,388 @@ pub mod frames {
         parts.concat()
     }
 }
+
+// =============================================================================================
+// Monitoring (tests/tests/monitoring.rs): decision events as `ztctl events --json` prints
+// them, live followers, `ztctl status --json` as JSON, probe calls that report their pid,
+// floods, /metrics over plain HTTP, and the daemon's memory.
+// =============================================================================================
+
+impl Call {
+    /// The probe writes its pid to `path` before it acts.
+    pub fn pid_file(self, path: &Path) -> Call {
+        self.arg("--pid-file", path.display())
+    }
+    /// The probe stays alive `ms` after the call (so `ztd` can still resolve its exe).
+    pub fn linger_ms(self, ms: u64) -> Call {
+        self.arg("--linger-ms", ms)
+    }
+}
+
+/// Read a pid file the probe wrote.
+pub fn read_pid(path: &Path) -> u32 {
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no pid in {}", path.display()))
+}
+
+/// The kernel's encoding of a device number (`major << 20 | minor`), as events carry it.
+pub fn kernel_dev(st_dev: u64) -> u64 {
+    let major = libc::major(st_dev as libc::dev_t) as u64;
+    let minor = libc::minor(st_dev as libc::dev_t) as u64;
+    (major << 20) | minor
+}
+
+/// `(dev, ino)` of a file as the kernel reports an executable in events.
+pub fn exe_key(path: &Path) -> (u64, u64) {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path).unwrap_or_else(|e| panic!("stat {}: {e}", path.display()));
+    (kernel_dev(meta.dev()), meta.ino())
+}
+
+/// A TCP port of 127.0.0.1 that is free now (bound and released).
+pub fn free_tcp_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// Resident memory of a process in KiB (`VmRSS` in `/proc/PID/status`).
+pub fn vm_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_else(|e| panic!("/proc/{pid}/status: {e}"));
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no VmRSS in /proc/{pid}/status"))
+}
+
+/// `GET path` on `addr` over HTTP/1.1 (connection closed after one request): status code and
+/// body.
+pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nAccept: text/plain\r\n\r\n"
+    )?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| std::io::Error::other(format!("no end of headers: {text:?}")))?;
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("no status line: {head:?}")))?;
+    let chunked = head.lines().any(|l| {
+        let l = l.to_ascii_lowercase();
+        l.starts_with("transfer-encoding:") && l.contains("chunked")
+    });
+    let body = if chunked {
+        dechunk(body)
+    } else {
+        body.to_string()
+    };
+    Ok((code, body))
+}
+
+/// Undo HTTP/1.1 chunked transfer coding.
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = body.split_once("\r\n") {
+        let n =
+            usize::from_str_radix(size.split(';').next().unwrap_or("0").trim(), 16).unwrap_or(0);
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        body = rest[n..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+/// Parse the lines of `ztctl events --json` (or of a follower): every line must be a JSON
+/// object with every contract field of [`zt::history::EVENT_RECORD_FIELDS`]; `{"missed":N}`
+/// lines are skipped.
+pub fn parse_event_lines(text: &str) -> Vec<zt::history::EventRecord> {
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .filter_map(|l| parse_event_line(l).unwrap_or_else(|e| panic!("{e}")))
+        .collect()
+}
+
+/// One line of `ztctl events --json`: `Ok(None)` for a `{"missed":N}` line, `Err` with the
+/// reason if the line is not an event record of the contract.
+pub fn parse_event_line(line: &str) -> Result<Option<zt::history::EventRecord>, String> {
+    let v: serde_json::Value =
+        serde_json::from_str(line).map_err(|e| format!("not JSON ({e}): {line}"))?;
+    let obj = v
+        .as_object()
+        .ok_or_else(|| format!("not a JSON object: {line}"))?;
+    if obj.len() == 1 && obj.contains_key("missed") {
+        return Ok(None);
+    }
+    let missing: Vec<&str> = zt::history::EVENT_RECORD_FIELDS
+        .iter()
+        .copied()
+        .filter(|f| !obj.contains_key(*f))
+        .collect();
+    if !missing.is_empty() {
+        return Err(format!("event lacks fields {missing:?}: {line}"));
+    }
+    serde_json::from_value(v)
+        .map(Some)
+        .map_err(|e| format!("event does not match the EventRecord schema ({e}): {line}"))
+}
+
+impl Harness {
+    /// `ztctl events --json ARGS...`: the records it prints (asserting it exits 0).
+    pub fn events(&self, args: &[&str]) -> Vec<zt::history::EventRecord> {
+        let mut all = vec!["events", "--json"];
+        all.extend_from_slice(args);
+        let out = self.ztctl(&all);
+        assert!(
+            out.status.success(),
+            "ztctl {}: {}\n{}",
+            all.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        parse_event_lines(&String::from_utf8_lossy(&out.stdout))
+    }
+
+    /// Poll `ztctl events --json ARGS` until at least `n` records pass `keep` (or `timeout`):
+    /// the records that pass.
+    pub fn wait_events(
+        &self,
+        args: &[&str],
+        n: usize,
+        timeout: Duration,
+        keep: impl Fn(&zt::history::EventRecord) -> bool,
+    ) -> Vec<zt::history::EventRecord> {
+        let end = Instant::now() + timeout;
+        loop {
+            let got: Vec<_> = self.events(args).into_iter().filter(|r| keep(r)).collect();
+            if got.len() >= n || Instant::now() >= end {
+                return got;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// `ztctl status --json`, as JSON (whatever its exit code: unhealthy still prints).
+    pub fn status_json(&self) -> serde_json::Value {
+        let out = self.ztctl(&["status", "--json"]);
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "ztctl status --json is not JSON ({e}): {}\n{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })
+    }
+
+    /// Run the probe with `args` and return what it printed (one line), like the other
+    /// helpers.
+    pub fn probe_args(&self, args: &[&str]) -> String {
+        self.probe_out(args)
+    }
+
+    /// `zt-probe flood` from inside the guarded cgroup: `(eperm, ok, other)`.
+    pub fn flood(&self, proto: &str, addr: SocketAddr, count: u64, spread: u16) -> (u64, u64, u64) {
+        self.flood_with(proto, addr, count, spread, &[])
+    }
+
+    /// [`Harness::flood`] with more probe flags (`--uid`, `--linger-ms`).
+    pub fn flood_with(
+        &self,
+        proto: &str,
+        addr: SocketAddr,
+        count: u64,
+        spread: u16,
+        extra: &[&str],
+    ) -> (u64, u64, u64) {
+        let (addr, count, spread) = (addr.to_string(), count.to_string(), spread.to_string());
+        let cg = self.cgroup.path.display().to_string();
+        let mut args = vec![
+            "flood",
+            "--proto",
+            proto,
+            "--addr",
+            &addr,
+            "--count",
+            &count,
+            "--port-spread",
+            &spread,
+        ];
+        args.extend(["--cgroup", &cg]);
+        args.extend_from_slice(extra);
+        let out = self.probe_out(&args);
+        let field = |name: &str| {
+            out.split_whitespace()
+                .find_map(|kv| kv.strip_prefix(&format!("{name}=")))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("flood printed {out:?}"))
+        };
+        (field("eperm"), field("ok"), field("other"))
+    }
+
+    /// Start `ztctl events --follow --json ARGS` (killed by pid on drop).
+    pub fn follow_events(&self, args: &[&str]) -> Follow {
+        let mut child = Command::new(bin("ztctl"))
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(["events", "--follow", "--json"])
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn ztctl events --follow");
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let stderr = Arc::new(Mutex::new(Vec::new()));
+        for (stream, sink) in [
+            (
+                child
+                    .stdout
+                    .take()
+                    .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+                Arc::clone(&lines),
+            ),
+            (
+                child
+                    .stderr
+                    .take()
+                    .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+                Arc::clone(&stderr),
+            ),
+        ] {
+            if let Some(stream) = stream {
+                std::thread::spawn(move || {
+                    for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                        if let Ok(mut o) = sink.lock() {
+                            o.push(line);
+                        }
+                    }
+                });
+            }
+        }
+        Follow {
+            child,
+            lines,
+            stderr,
+        }
+    }
+}
+
+/// A running `ztctl events --follow`; its output lines are collected; killed by pid on drop.
+pub struct Follow {
+    child: Child,
+    pub lines: Arc<Mutex<Vec<String>>>,
+    pub stderr: Arc<Mutex<Vec<String>>>,
+}
+
+impl Follow {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn lines(&self) -> Vec<String> {
+        self.lines.lock().map(|v| v.clone()).unwrap_or_default()
+    }
+
+    pub fn stderr(&self) -> Vec<String> {
+        self.stderr.lock().map(|v| v.clone()).unwrap_or_default()
+    }
+
+    /// Has it exited (and with what)?
+    pub fn try_exit(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
+    /// The records printed so far (every line must be one, or a `{"missed":N}`).
+    pub fn records(&self) -> Vec<zt::history::EventRecord> {
+        parse_event_lines(&self.lines().join("\n"))
+    }
+
+    /// Wait until a printed record passes `keep`.
+    pub fn wait_record(
+        &self,
+        timeout: Duration,
+        keep: impl Fn(&zt::history::EventRecord) -> bool,
+    ) -> Option<zt::history::EventRecord> {
+        let end = Instant::now() + timeout;
+        loop {
+            if let Some(r) = self.records().into_iter().find(|r| keep(r)) {
+                return Some(r);
+            }
+            if Instant::now() >= end {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Follow {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Run `cmd` to completion with a deadline; on timeout it is killed (by pid) and `None` is
+/// returned.
+pub fn output_within(mut cmd: Command, timeout: Duration) -> Option<Output> {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let collect = |s: Option<Box<dyn std::io::Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            if let Some(mut s) = s {
+                let _ = std::io::Read::read_to_end(&mut s, &mut buf);
+            }
+            buf
+        })
+    };
+    let out = collect(
+        child
+            .stdout
+            .take()
+            .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+    );
+    let err = collect(
+        child
+            .stderr
+            .take()
+            .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+    );
+    let end = Instant::now() + timeout;
+    let status = loop {
+        if let Ok(Some(st)) = child.try_wait() {
+            break Some(st);
+        }
+        if Instant::now() >= end {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let stdout = out.join().unwrap_or_default();
+    let stderr = err.join().unwrap_or_default();
+    status.map(|status| Output {
+        status,
+        stdout,
+        stderr,
+    })
+}

@@ -256,7 +256,13 @@ fn status_turns_unhealthy_when_a_program_is_detached_behind_our_back() {
     assert!(ztd.status().healthy);
     // Tamper: remove one link's pin; with no fd left, the kernel detaches it.
     std::fs::remove_file(h.pins.path.join("links/connect4")).expect("unpin");
-    let st = ztd.status();
+    // The kernel releases an unpinned link asynchronously (RCU, then a workqueue).
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let mut st = ztd.status();
+    while st.healthy && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+        st = ztd.status();
+    }
     assert!(!st.healthy, "{st:?}");
     let c4 = st
         .hooks

@@ -682,7 +682,7 @@ fn drops_are_reported_as_sampled_events() {
     let deny_rule = fx.rule_id("deny ingress any <- blocked any");
     let e = &events[0];
     assert_eq!(
-        (e.hook, e.verdict, e.family, e.proto, e.peer_port, e.rule),
+        (e.hook, e.verdict, e.family, e.proto, e.local_port, e.rule),
         (Hook::Xdp as u8, Verdict::Deny as u8, 4, 0, 8080, deny_rule),
         "{e:?}"
     );
@@ -691,7 +691,7 @@ fn drops_are_reported_as_sampled_events() {
     assert!(e.generation >= 1);
     let e = &events[1];
     assert_eq!(
-        (e.hook, e.verdict, e.family, e.proto, e.peer_port, e.rule),
+        (e.hook, e.verdict, e.family, e.proto, e.local_port, e.rule),
         (Hook::Xdp as u8, Verdict::Deny as u8, 6, 1, CLOSED, 0),
         "{e:?}"
     );

@@ -23,7 +23,7 @@
 //! Every policy map exists twice (slot 0 and slot 1). The programs read [`ActiveSlot`] once
 //! per decision and use only that slot's maps, so a reload writes the idle slot completely,
 //! then flips one word: a decision sees the old policy or the new one, never a mix.
-#![no_std]
+#![cfg_attr(not(test), no_std)]
 
 /// Bit of the identity mask that every task matches (`identity = "any"`).
 pub const ANY_IDENTITY_BIT: u32 = 0;
@@ -182,7 +182,18 @@ pub enum Stat {
     SkbUnparsed = 8,
     /// cgroup_skb: packets dropped by the ingress or egress backstop.
     SkbDropped = 9,
+    /// Events not sent because their (identity, peer) exceeded the rate limit; carried in
+    /// the next event's `suppressed`.
+    EventSuppressed = 10,
+    /// Gauge, not a counter: bytes waiting in the ring buffer when an event was last sent
+    /// (the largest over CPUs is the fill).
+    RingFill = 11,
 }
+
+/// Size of the hook-code space (codes 1..=10 are used) and verdict-code space (1..=3), for
+/// the per-(hook, verdict) decision counters.
+pub const HOOK_CODES: u32 = 16;
+pub const VERDICT_CODES: u32 = 4;
 
 /// Number of entries in the statistics array.
 pub const STAT_COUNT: u32 = 16;
@@ -356,36 +367,116 @@ pub const XDP_STAT_COUNT: u32 = 16;
 
 /// Event kinds. Stable codes.
 pub const EVENT_DECISION: u16 = 1;
+/// Layout version of [`DecisionEvent`]; bumped on any change.
+pub const EVENT_VERSION: u8 = 2;
+
+/// Set in a rule-of value when the rule says `log = true`: its allows are reported too.
+pub const RULE_LOG_FLAG: u32 = 1 << 31;
+
+/// Events per second one (identity, peer, hook, verdict) may produce before the rest are
+/// suppressed and counted into the next event's `suppressed` (a flood never slows the verdict
+/// and never floods the ring).
+pub const EVENT_RATE_PER_SEC: u32 = 16;
+
+/// The header every ring buffer record starts with.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EventHeader {
+    /// `EVENT_*`.
+    pub kind: u16,
+    /// `EVENT_VERSION` of the producer.
+    pub version: u8,
+    pub _pad: u8,
+    /// Size of the whole record in bytes.
+    pub size: u32,
+}
 
 /// A decision event, sent through the ring buffer for denials, audits and (on request)
 /// allows.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct DecisionEvent {
-    /// `EVENT_*`.
-    pub kind: u16,
+    pub header: EventHeader,
     /// `Hook` code.
     pub hook: u8,
     /// `Verdict` code.
     pub verdict: u8,
     /// `Proto` code.
     pub proto: u8,
-    /// 4 or 6 (family of the judged destination after unmapping IPv4-mapped IPv6).
+    /// 4 or 6 (family of the judged address after unmapping IPv4-mapped IPv6).
     pub family: u8,
+    /// Peer port (host order); for ingress and bind decisions, see `local_port`.
     pub peer_port: u16,
+    /// Local port (host order), 0 when not known (a connect before the socket is bound).
+    pub local_port: u16,
+    /// Rule id (0: the default verdict).
     pub rule: u32,
+    /// Events of the same (identity, peer, hook, verdict) suppressed by the rate limit since
+    /// the previous one.
+    pub suppressed: u32,
     pub ktime_ns: u64,
     pub generation: u64,
+    /// 0 in packet hooks, where no task is the caller.
     pub pid: u32,
     pub tgid: u32,
     pub uid: u32,
     pub gid: u32,
     pub cgroup_id: u64,
     pub exe: ExeKey,
-    /// Peer address: IPv4 in the first four bytes, network byte order.
+    /// Peer address: IPv4 in the first four bytes, network byte order; all zero when there
+    /// is no peer (bind, socket creation).
     pub peer_addr: [u8; 16],
+    /// Local address, same encoding; all zero when not known.
+    pub local_addr: [u8; 16],
     pub comm: [u8; 16],
 }
+
+impl DecisionEvent {
+    /// Size of the record in bytes.
+    pub const SIZE: usize = core::mem::size_of::<DecisionEvent>();
+
+    /// The record as the ring buffer carries it.
+    pub fn to_bytes(&self) -> [u8; Self::SIZE] {
+        // SAFETY: plain old data with explicit padding, read as bytes.
+        unsafe { core::mem::transmute_copy(self) }
+    }
+
+    /// Parse a ring buffer record; `None` if it is too short or not a decision event of
+    /// this layout version.
+    pub fn from_bytes(bytes: &[u8]) -> Option<DecisionEvent> {
+        if bytes.len() < Self::SIZE {
+            return None;
+        }
+        // SAFETY: at least SIZE bytes; every bit pattern is a valid DecisionEvent.
+        let ev: DecisionEvent = unsafe { core::ptr::read_unaligned(bytes.as_ptr().cast()) };
+        (ev.header.kind == EVENT_DECISION && ev.header.version == EVENT_VERSION).then_some(ev)
+    }
+}
+
+/// Key of the event rate limiter: one (identity, peer, hook, verdict).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RateKey {
+    pub exe: ExeKey,
+    pub uid: u32,
+    pub hook: u8,
+    pub verdict: u8,
+    pub peer_port: u16,
+    pub peer_addr: [u8; 16],
+}
+
+/// State of one rate limiter key: events in the current one-second window, and how many
+/// were suppressed since the last event sent.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RateState {
+    pub window_start_ns: u64,
+    pub sent_in_window: u32,
+    pub suppressed: u32,
+}
+
+/// Keys the rate limiter tracks (an LRU map: the oldest are forgotten first).
+pub const MAX_RATE_KEYS: u32 = 16384;
 
 /// Ring buffer size in bytes (a power of two, a multiple of the page size).
 pub const EVENT_RING_BYTES: u32 = 1 << 22;
@@ -402,5 +493,75 @@ mod pod {
     unsafe impl aya::Pod for RuleOfKey {}
     unsafe impl aya::Pod for KernelOffsets {}
     unsafe impl aya::Pod for DecisionEvent {}
+    unsafe impl aya::Pod for RateKey {}
+    unsafe impl aya::Pod for RateState {}
     unsafe impl aya::Pod for SocketOwner {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decision_event_round_trips_through_bytes() {
+        let ev = DecisionEvent {
+            header: EventHeader {
+                kind: EVENT_DECISION,
+                version: EVENT_VERSION,
+                _pad: 0,
+                size: DecisionEvent::SIZE as u32,
+            },
+            hook: Hook::Connect6 as u8,
+            verdict: Verdict::Audit as u8,
+            proto: Proto::Udp as u8,
+            family: 6,
+            peer_port: 443,
+            local_port: 40000,
+            rule: 7,
+            suppressed: 3,
+            ktime_ns: 123_456_789,
+            generation: 9,
+            pid: 10,
+            tgid: 11,
+            uid: 1000,
+            gid: 1001,
+            cgroup_id: 4242,
+            exe: ExeKey {
+                dev: 8 << 20 | 1,
+                ino: 77,
+            },
+            peer_addr: [0x20, 1, 0xd, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1],
+            local_addr: [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2],
+            comm: *b"curl\0\0\0\0\0\0\0\0\0\0\0\0",
+        };
+        let bytes = ev.to_bytes();
+        assert_eq!(bytes.len(), 128, "the layout is part of the ABI");
+        assert_eq!(DecisionEvent::from_bytes(&bytes), Some(ev));
+        assert_eq!(
+            DecisionEvent::from_bytes(&bytes[..127]),
+            None,
+            "short record"
+        );
+        let mut other = ev;
+        other.header.version = EVENT_VERSION + 1;
+        assert_eq!(
+            DecisionEvent::from_bytes(&other.to_bytes()),
+            None,
+            "other layout"
+        );
+    }
+
+    #[test]
+    fn codes_are_stable() {
+        assert_eq!(Hook::Connect4 as u8, 1);
+        assert_eq!(Hook::Xdp as u8, 10);
+        assert_eq!(Verdict::Allow as u8, 1);
+        assert_eq!(Verdict::Deny as u8, 2);
+        assert_eq!(Verdict::Audit as u8, 3);
+        assert_eq!(Stat::EventLost as u32, 6);
+        assert_eq!(Stat::RingFill as u32, 11);
+        for hook in Hook::ALL {
+            assert_eq!(Hook::from_code(hook as u8), Some(hook));
+        }
+    }
 }

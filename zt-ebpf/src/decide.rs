@@ -2,7 +2,7 @@
 //! map lookups whatever the size of the policy. See zt-common's crate doc for the scheme.
 
 use aya_ebpf::{
-    bindings::{bpf_sock, BPF_SK_STORAGE_GET_F_CREATE},
+    bindings::{bpf_sock, BPF_RB_AVAIL_DATA, BPF_SK_STORAGE_GET_F_CREATE},
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid,
         generated::{bpf_get_current_cgroup_id, bpf_ktime_get_ns, bpf_sk_storage_get},
@@ -11,16 +11,21 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use zt_common::{
-    DecisionEvent, DecisionKey, ExeKey, Hook, IdentityMask, Proto, RuleOfKey, SlotConfig,
-    SocketOwner, Stat, Verdict, EVENT_DECISION, FLAG_GLOBAL_AUDIT, FLAG_LOG_ALLOWED, INGRESS,
+    DecisionEvent, DecisionKey, EventHeader, ExeKey, Hook, IdentityMask, Proto, RateKey, RateState,
+    RuleOfKey, SlotConfig, SocketOwner, Stat, Verdict, CACHE_EGRESS, EVENT_DECISION,
+    EVENT_RATE_PER_SEC, EVENT_VERSION, FLAG_GLOBAL_AUDIT, FLAG_LOG_ALLOWED, HOOK_CODES, INGRESS,
     MAX_RULES, NET_CLASS_ANY4, NET_CLASS_ANY6, NET_CLASS_BIND, PORTS_PER_PROTO,
     PORT_CLASS_ALL_ICMP, PORT_CLASS_ALL_OTHER, PORT_CLASS_ALL_TCP, PORT_CLASS_ALL_UDP,
-    RULE_DEFAULT, RULE_KIND_ALLOW, RULE_KIND_AUDIT_DENY, RULE_KIND_DENY,
+    RULE_DEFAULT, RULE_KIND_ALLOW, RULE_KIND_AUDIT_DENY, RULE_KIND_DENY, RULE_LOG_FLAG,
+    VERDICT_CODES,
 };
 
 use crate::{
     identity::{current_ancestor, Caller},
-    maps::{Slot, Slot0, Slot1, ACTIVE, EVENTS, OWNERS, RULE_HITS, SLOT_CONFIG, STATS},
+    maps::{
+        Slot, Slot0, Slot1, ACTIVE, EVENTS, EVENT_RATE, HOOK_VERDICTS, OWNERS, RULE_HITS,
+        SLOT_CONFIG, STATS,
+    },
 };
 
 /// What a sock_addr program returns to let the call proceed.
@@ -171,8 +176,15 @@ fn owner_of(ctx: &SockAddrContext) -> Option<&'static mut SocketOwner> {
 }
 
 /// Remember who uses this socket, for the packet hooks.
+/// `judged`: the egress verdict just made for a peer, stored as the socket's cached packet
+/// verdict so that the packets of this call are not judged (and reported) a second time.
 #[inline(always)]
-fn record_owner(ctx: &SockAddrContext, caller: &Caller, bound_port: u16) {
+fn record_owner(
+    ctx: &SockAddrContext,
+    caller: &Caller,
+    bound_port: u16,
+    judged: Option<(&Destination, Verdict, u64)>,
+) {
     if let Some(owner) = owner_of(ctx) {
         owner.exe = caller.exe;
         owner.uid = caller.uid;
@@ -182,7 +194,16 @@ fn record_owner(ctx: &SockAddrContext, caller: &Caller, bound_port: u16) {
         if bound_port != 0 {
             owner.bound_port = bound_port;
         }
-        owner.cache_dir = 0;
+        match judged {
+            Some((dst, verdict, generation)) => {
+                owner.cache_generation = generation;
+                owner.cache_dir = CACHE_EGRESS;
+                owner.cache_port = dst.port;
+                owner.cache_peer = dst.addr;
+                owner.cache_verdict = verdict as u8;
+            }
+            None => owner.cache_dir = 0,
+        }
     }
 }
 
@@ -275,7 +296,7 @@ fn rule_of<S: Slot>(hit: Hit, kind: u32) -> u32 {
         _pad: 0,
     };
     match S::rule_of().get_ptr(key) {
-        // SAFETY: pointer from a successful lookup.
+        // SAFETY: pointer from a successful lookup. The value may carry RULE_LOG_FLAG.
         Some(rule) => unsafe { *rule },
         None => {
             count(Stat::RuleUnknown);
@@ -386,15 +407,26 @@ pub fn global_mode(cfg: &SlotConfig, verdict: Verdict) -> Verdict {
 
 /// Count a decision against its rule and the statistics.
 #[inline(always)]
-pub fn tally<S: Slot>(verdict: Verdict, rule: u32) {
+pub fn tally<S: Slot>(hook: Hook, verdict: Verdict, rule: u32) {
     if let Some(hits) = RULE_HITS.get_ptr_mut(S::INDEX * MAX_RULES + (rule % MAX_RULES)) {
         // SAFETY: per-CPU slot.
         unsafe { *hits += 1 };
     }
+    count_verdict(hook, verdict);
+}
+
+/// Count a decision by verdict, overall and per hook.
+#[inline(always)]
+pub fn count_verdict(hook: Hook, verdict: Verdict) {
     match verdict {
         Verdict::Allow => count(Stat::Allowed),
         Verdict::Deny => count(Stat::Denied),
         Verdict::Audit => count(Stat::Audited),
+    }
+    let index = (hook as u32 % HOOK_CODES) * VERDICT_CODES + verdict as u32 % VERDICT_CODES;
+    if let Some(n) = HOOK_VERDICTS.get_ptr_mut(index) {
+        // SAFETY: per-CPU slot.
+        unsafe { *n += 1 };
     }
 }
 
@@ -417,17 +449,36 @@ fn judge_in<S: Slot>(ctx: &SockAddrContext, hook: Hook, dst: &Destination) -> i3
             (verdict, rule) = reply;
         }
     }
-    tally::<S>(verdict, rule);
-    if verdict != Verdict::Allow || cfg.flags & FLAG_LOG_ALLOWED != 0 {
-        emit(hook, verdict, rule, cfg, &caller, dst, true);
+    let (rule, log) = split_rule(rule);
+    tally::<S>(hook, verdict, rule);
+    if verdict != Verdict::Allow || log || cfg.flags & FLAG_LOG_ALLOWED != 0 {
+        emit(hook, verdict, rule, cfg, &caller, dst, &NO_LOCAL, true);
     }
     if verdict == Verdict::Deny {
         SOCK_ADDR_REJECT
     } else {
-        record_owner(ctx, &caller, 0);
+        record_owner(ctx, &caller, 0, Some((dst, verdict, cfg.generation)));
         SOCK_ADDR_PROCEED
     }
 }
+
+/// A rule-of value's rule id and whether the rule says `log = true`.
+#[inline(always)]
+pub fn split_rule(raw: u32) -> (u32, bool) {
+    (raw & !RULE_LOG_FLAG, raw & RULE_LOG_FLAG != 0)
+}
+
+/// The local end of a decision, for events.
+pub struct Local {
+    pub addr: [u8; 16],
+    pub port: u16,
+}
+
+/// No local end known (a connect before the socket is bound, a socket creation).
+pub const NO_LOCAL: Local = Local {
+    addr: [0; 16],
+    port: 0,
+};
 
 /// If this socket serves a port it bound, the ingress verdict for `dst` as a peer of that
 /// port, when an ingress rule allows it.
@@ -485,14 +536,26 @@ fn judge_bind_in<S: Slot>(ctx: &SockAddrContext, hook: Hook, dst: &Destination) 
     probe::<S>(&mut hits, NET_CLASS_BIND, port_all | INGRESS, ids);
     let (verdict, rule) =
         verdict_of::<S>(cfg, ids, &hits, true).unwrap_or((Verdict::Deny, RULE_DEFAULT));
-    tally::<S>(verdict, rule);
-    if verdict != Verdict::Allow || cfg.flags & FLAG_LOG_ALLOWED != 0 {
-        emit(hook, verdict, rule, cfg, &caller, dst, true);
+    let (rule, log) = split_rule(rule);
+    tally::<S>(hook, verdict, rule);
+    if verdict != Verdict::Allow || log || cfg.flags & FLAG_LOG_ALLOWED != 0 {
+        // A bind has no peer: the address is the local end.
+        let no_peer = Destination {
+            family: dst.family,
+            addr: [0; 16],
+            port: 0,
+            proto: dst.proto,
+        };
+        let local = Local {
+            addr: dst.addr,
+            port: dst.port,
+        };
+        emit(hook, verdict, rule, cfg, &caller, &no_peer, &local, true);
     }
     if verdict == Verdict::Deny {
         SOCK_ADDR_REJECT
     } else {
-        record_owner(ctx, &caller, dst.port);
+        record_owner(ctx, &caller, dst.port, None);
         SOCK_ADDR_PROCEED
     }
 }
@@ -505,9 +568,12 @@ pub fn port_class_of<S: Slot>(proto_index: u32, port: u16) -> u32 {
         .unwrap_or(0)
 }
 
-/// Send a decision event; a full ring costs the event (counted), never the verdict.
+/// Send a decision event; a full ring costs the event (counted), never the verdict. Beyond
+/// `EVENT_RATE_PER_SEC` events per second for one (identity, peer, hook, verdict), events are
+/// suppressed (counted) and the next one sent carries how many were.
 /// `in_task`: the current task is the caller (false in packet hooks, where whatever task
 /// runs is unrelated: pid and comm are then left empty).
+#[allow(clippy::too_many_arguments)]
 #[inline(always)]
 pub fn emit(
     hook: Hook,
@@ -516,8 +582,15 @@ pub fn emit(
     cfg: &SlotConfig,
     caller: &Caller,
     dst: &Destination,
+    local: &Local,
     in_task: bool,
 ) {
+    // SAFETY: plain helper call.
+    let ktime_ns = unsafe { bpf_ktime_get_ns() };
+    let Some(suppressed) = rate_limit(hook, verdict, caller, dst, ktime_ns) else {
+        count(Stat::EventSuppressed);
+        return;
+    };
     let Some(mut entry) = EVENTS.reserve::<DecisionEvent>(0) else {
         count(Stat::EventLost);
         return;
@@ -527,22 +600,27 @@ pub fn emit(
     } else {
         0
     };
-    // SAFETY: plain helper calls.
-    let ktime_ns = unsafe { bpf_ktime_get_ns() };
-    // SAFETY: plain helper call.
     let cgroup_id = if in_task {
+        // SAFETY: plain helper call.
         unsafe { bpf_get_current_cgroup_id() }
     } else {
-        0
+        caller.cgroup_id
     };
     entry.write(DecisionEvent {
-        kind: EVENT_DECISION,
+        header: EventHeader {
+            kind: EVENT_DECISION,
+            version: EVENT_VERSION,
+            _pad: 0,
+            size: DecisionEvent::SIZE as u32,
+        },
         hook: hook as u8,
         verdict: verdict as u8,
         proto: dst.proto as u8,
         family: dst.family,
         peer_port: dst.port,
+        local_port: local.port,
         rule,
+        suppressed,
         ktime_ns,
         generation: cfg.generation,
         pid: pid_tgid as u32,
@@ -555,6 +633,7 @@ pub fn emit(
             ino: caller.exe.ino,
         },
         peer_addr: dst.addr,
+        local_addr: local.addr,
         comm: if in_task {
             bpf_get_current_comm().unwrap_or([0; 16])
         } else {
@@ -563,6 +642,61 @@ pub fn emit(
     });
     entry.submit(0);
     count(Stat::EventSent);
+    if let Some(fill) = STATS.get_ptr_mut(Stat::RingFill as u32) {
+        // SAFETY: per-CPU slot; a gauge, overwritten.
+        unsafe { *fill = EVENTS.query(BPF_RB_AVAIL_DATA as u64) };
+    }
+}
+
+/// `Some(suppressed since the last event)` if this event may be sent now.
+#[inline(always)]
+fn rate_limit(
+    hook: Hook,
+    verdict: Verdict,
+    caller: &Caller,
+    dst: &Destination,
+    now: u64,
+) -> Option<u32> {
+    let key = RateKey {
+        exe: ExeKey {
+            dev: caller.exe.dev,
+            ino: caller.exe.ino,
+        },
+        uid: caller.uid,
+        hook: hook as u8,
+        verdict: verdict as u8,
+        peer_port: dst.port,
+        peer_addr: dst.addr,
+    };
+    match EVENT_RATE.get_ptr_mut(key) {
+        Some(state) => {
+            // SAFETY: pointer from a successful lookup; races between CPUs only blur the
+            // per-key numbers, never the verdict (STATS counts exactly).
+            let state = unsafe { &mut *state };
+            if now.wrapping_sub(state.window_start_ns) >= 1_000_000_000 {
+                state.window_start_ns = now;
+                state.sent_in_window = 0;
+            }
+            if state.sent_in_window >= EVENT_RATE_PER_SEC {
+                state.suppressed += 1;
+                return None;
+            }
+            state.sent_in_window += 1;
+            let suppressed = state.suppressed;
+            state.suppressed = 0;
+            Some(suppressed)
+        }
+        None => {
+            let state = RateState {
+                window_start_ns: now,
+                sent_in_window: 1,
+                suppressed: 0,
+            };
+            // A full LRU evicts its oldest key; a failed insert only costs rate limiting.
+            let _ = EVENT_RATE.insert(key, state, 0);
+            Some(0)
+        }
+    }
 }
 
 const SOCK_RAW: u32 = 3;
@@ -620,9 +754,9 @@ fn judge_sock_create_in<S: Slot>(family: u32, sock_type: u32, icmp: bool) -> i32
         global_mode(cfg, default_verdict(cfg, ids))
     };
     if verdict == Verdict::Allow {
-        count(Stat::Allowed);
+        count_verdict(Hook::SockCreate, verdict);
     } else {
-        tally::<S>(verdict, RULE_DEFAULT);
+        tally::<S>(Hook::SockCreate, verdict, RULE_DEFAULT);
     }
     if verdict != Verdict::Allow || cfg.flags & FLAG_LOG_ALLOWED != 0 {
         let dst = Destination {
@@ -638,6 +772,7 @@ fn judge_sock_create_in<S: Slot>(family: u32, sock_type: u32, icmp: bool) -> i32
             cfg,
             &caller,
             &dst,
+            &NO_LOCAL,
             true,
         );
     }

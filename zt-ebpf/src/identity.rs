@@ -32,6 +32,8 @@ pub struct Caller {
     /// False when the executable or the credentials could not be read (counted by the
     /// caller; the caller is then judged as "no executable" / real ids).
     pub exe_ok: bool,
+    /// The owner's cgroup, for packet events (task events read the current one).
+    pub cgroup_id: u64,
 }
 
 #[inline(always)]
@@ -101,6 +103,7 @@ impl Caller {
             gid,
             exe,
             exe_ok: exe_ok && ids_ok,
+            cgroup_id: 0,
         }
     }
 
@@ -112,6 +115,7 @@ impl Caller {
             gid: owner.gid,
             exe: owner.exe,
             exe_ok: true,
+            cgroup_id: owner.cgroup_id,
         }
     }
 

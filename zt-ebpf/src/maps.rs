@@ -7,12 +7,13 @@
 use aya_ebpf::{
     bindings::{bpf_map_type::BPF_MAP_TYPE_SK_STORAGE, BPF_F_CLONE, BPF_F_NO_PREALLOC},
     macros::{btf_map, map},
-    maps::{Array, HashMap, LpmTrie, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use zt_common::{
-    ActiveSlot, DecisionKey, DecisionValue, ExeKey, IdentityMask, RuleOfKey, SlotConfig,
-    SocketOwner, EVENT_RING_BYTES, MAX_CGROUPS, MAX_DECISIONS, MAX_EXES, MAX_GIDS, MAX_NET4,
-    MAX_NET6, MAX_RULES, MAX_RULE_OF, MAX_UIDS, PORTS_PER_PROTO, PORT_PROTOS, SLOTS, STAT_COUNT,
+    ActiveSlot, DecisionKey, DecisionValue, ExeKey, IdentityMask, RateKey, RateState, RuleOfKey,
+    SlotConfig, SocketOwner, EVENT_RING_BYTES, HOOK_CODES, MAX_CGROUPS, MAX_DECISIONS, MAX_EXES,
+    MAX_GIDS, MAX_NET4, MAX_NET6, MAX_RATE_KEYS, MAX_RULES, MAX_RULE_OF, MAX_UIDS, PORTS_PER_PROTO,
+    PORT_PROTOS, SLOTS, STAT_COUNT, VERDICT_CODES,
 };
 
 /// Which slot decides now (one entry).
@@ -31,9 +32,17 @@ pub static RULE_HITS: PerCpuArray<u64> = PerCpuArray::pinned(SLOTS * MAX_RULES, 
 #[map]
 pub static STATS: PerCpuArray<u64> = PerCpuArray::pinned(STAT_COUNT, 0);
 
+/// Decisions per (hook, verdict), per CPU: index `hook code * VERDICT_CODES + verdict code`.
+#[map]
+pub static HOOK_VERDICTS: PerCpuArray<u64> = PerCpuArray::pinned(HOOK_CODES * VERDICT_CODES, 0);
+
 /// Decision events for the daemon.
 #[map]
 pub static EVENTS: RingBuf = RingBuf::pinned(EVENT_RING_BYTES, 0);
+
+/// Event rate limiter per (identity, peer, hook, verdict): least recently used keys go first.
+#[map]
+pub static EVENT_RATE: LruHashMap<RateKey, RateState> = LruHashMap::pinned(MAX_RATE_KEYS, 0);
 
 /// Socket storage: who owns each guarded socket (see `zt_common::SocketOwner`). Declared by
 /// hand as a BTF map so that it can carry `BPF_F_CLONE`: accepted sockets inherit their

@@ -13,14 +13,13 @@ use aya_ebpf::{
     programs::SkBuffContext,
 };
 use zt_common::{
-    ExeKey, Hook, Proto, SlotConfig, SocketOwner, Stat, Verdict, CACHE_EGRESS, CACHE_INGRESS,
-    INGRESS, RULE_DEFAULT,
+    ExeKey, Hook, Proto, SocketOwner, Stat, Verdict, CACHE_EGRESS, CACHE_INGRESS, INGRESS,
 };
 
 use crate::{
     decide::{
-        active_slot, count, decide, emit, port_granted, proto_from_ip, slot_config, tally,
-        Destination,
+        active_slot, count, decide, emit, port_granted, proto_from_ip, slot_config, split_rule,
+        tally, Destination, Local,
     },
     identity::Caller,
     maps::{Slot, Slot0, Slot1, OWNERS},
@@ -180,8 +179,10 @@ fn judge_in<S: Slot>(
         match owner {
             // A listener or server: only peers its ingress rules allow.
             Some(o) if serving => (Caller::from_owner(o), Some(o), true),
-            // A client receiving replies: only host-wide deny lists apply.
-            _ => (Caller::from_owner(&SocketOwner::default()), None, false),
+            // A client receiving replies: only host-wide deny lists apply (its owner, when
+            // recorded, is who the events name).
+            Some(o) => (Caller::from_owner(o), None, false),
+            None => (Caller::from_owner(&SocketOwner::default()), None, false),
         }
     } else {
         match owner {
@@ -205,6 +206,7 @@ fn judge_in<S: Slot>(
                     gid: u32::MAX,
                     exe: ExeKey::default(),
                     exe_ok: true,
+                    cgroup_id: 0,
                 };
                 (caller, None, true)
             }
@@ -244,14 +246,24 @@ fn judge_in<S: Slot>(
         o.cache_peer = dst.addr;
         o.cache_verdict = verdict as u8;
     }
-    tally::<S>(verdict, rule);
+    let (rule, log) = split_rule(rule);
     let hook = if ingress {
         Hook::SkbIngress
     } else {
         Hook::SkbEgress
     };
-    if verdict != Verdict::Allow {
-        emit_packet(hook, verdict, rule, cfg, &caller, &dst);
+    tally::<S>(hook, verdict, rule);
+    if verdict != Verdict::Allow || log {
+        // Events name the peer's own port; the local end is this host's.
+        let peer_end = Destination {
+            port: peer_port,
+            ..dst
+        };
+        let local = Local {
+            addr: if ingress { pkt.dst } else { pkt.src },
+            port: local_port,
+        };
+        emit(hook, verdict, rule, cfg, &caller, &peer_end, &local, false);
     }
     if verdict == Verdict::Deny {
         count(Stat::SkbDropped);
@@ -259,17 +271,4 @@ fn judge_in<S: Slot>(
     } else {
         SKB_PASS
     }
-}
-
-#[inline(always)]
-fn emit_packet(
-    hook: Hook,
-    verdict: Verdict,
-    rule: u32,
-    cfg: &SlotConfig,
-    caller: &Caller,
-    dst: &Destination,
-) {
-    let _ = RULE_DEFAULT;
-    emit(hook, verdict, rule, cfg, caller, dst, false);
 }

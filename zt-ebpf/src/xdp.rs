@@ -49,10 +49,11 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use zt_common::{
-    DecisionEvent, DecisionKey, ExeKey, Hook, Proto, RuleOfKey, SlotConfig, Verdict, XdpStat,
-    ANY_IDENTITY_BIT, EVENT_DECISION, FLAG_GLOBAL_AUDIT, INGRESS, MAX_RULES, NET_CLASS_ANY4,
-    NET_CLASS_ANY6, NET_CLASS_BIND, PORTS_PER_PROTO, PORT_CLASS_ALL_TCP, PORT_CLASS_ALL_UDP,
-    RULE_DEFAULT, RULE_KIND_AUDIT_DENY, RULE_KIND_DENY, XDP_STAT_COUNT,
+    DecisionEvent, DecisionKey, EventHeader, ExeKey, Hook, Proto, RuleOfKey, SlotConfig, Verdict,
+    XdpStat, ANY_IDENTITY_BIT, EVENT_DECISION, EVENT_VERSION, FLAG_GLOBAL_AUDIT, INGRESS,
+    MAX_RULES, NET_CLASS_ANY4, NET_CLASS_ANY6, NET_CLASS_BIND, PORTS_PER_PROTO, PORT_CLASS_ALL_TCP,
+    PORT_CLASS_ALL_UDP, RULE_DEFAULT, RULE_KIND_AUDIT_DENY, RULE_KIND_DENY, RULE_LOG_FLAG,
+    XDP_STAT_COUNT,
 };
 
 use crate::maps::{
@@ -438,7 +439,7 @@ fn rule_of<S: Slot>(entry: u32, kind: u32) -> u32 {
     };
     match S::rule_of().get_ptr(key) {
         // SAFETY: pointer from a successful lookup.
-        Some(rule) => unsafe { *rule },
+        Some(rule) => unsafe { *rule & !RULE_LOG_FLAG },
         None => RULE_DEFAULT,
     }
 }
@@ -565,13 +566,20 @@ fn report(verdict: Verdict, rule: u32, cfg: &SlotConfig, pkt: &Packet, stats: &S
         return;
     };
     entry.write(DecisionEvent {
-        kind: EVENT_DECISION,
+        header: EventHeader {
+            kind: EVENT_DECISION,
+            version: EVENT_VERSION,
+            _pad: 0,
+            size: DecisionEvent::SIZE as u32,
+        },
         hook: Hook::Xdp as u8,
         verdict: verdict as u8,
         proto: pkt.proto as u8,
         family: pkt.family,
-        peer_port: pkt.dport,
+        peer_port: 0,
+        local_port: pkt.dport,
         rule,
+        suppressed: 0,
         ktime_ns: now,
         generation: cfg.generation,
         pid: 0,
@@ -581,6 +589,7 @@ fn report(verdict: Verdict, rule: u32, cfg: &SlotConfig, pkt: &Packet, stats: &S
         cgroup_id: 0,
         exe: ExeKey::default(),
         peer_addr: pkt.src,
+        local_addr: [0; 16],
         comm: [0; 16],
     });
     entry.submit(0);

@@ -10,7 +10,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use crate::loader::HookHealth;
+use crate::{history::EventFilter, loader::HookHealth};
 
 /// Default control socket.
 pub const DEFAULT_SOCKET: &str = "/run/zt/ztd.sock";
@@ -23,6 +23,14 @@ pub enum Request {
     Reload,
     /// Detach and unpin everything, then exit.
     Unload,
+    /// Matching history, oldest first, one `history::FollowItem` JSON line each; with
+    /// `follow`, then every new matching event until the client goes away.
+    Events {
+        #[serde(default)]
+        filter: EventFilter,
+        #[serde(default)]
+        follow: bool,
+    },
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -65,6 +73,51 @@ pub struct Decisions {
     pub events_lost: u64,
 }
 
+/// Event pipeline accounting. Once the daemon has drained the ring buffer,
+/// `produced == delivered + lost_kernel + lost_daemon` holds exactly.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct EventStats {
+    /// Events the kernel made: sent into the ring buffer plus lost because it was full.
+    pub produced: u64,
+    /// Read from the ring buffer and kept in the history.
+    pub delivered: u64,
+    /// Lost in the kernel: the ring buffer was full.
+    pub lost_kernel: u64,
+    /// Read but not kept by the daemon (malformed or of an unknown layout).
+    pub lost_daemon: u64,
+    /// Not made at all: over the per-(identity, peer) rate limit, counted exactly here and
+    /// carried into the next event of that key (XDP: over its sampling budget).
+    pub suppressed: u64,
+    /// Bytes waiting in the ring buffer when the kernel last sent an event.
+    pub ring_fill_bytes: u64,
+    pub ring_size_bytes: u64,
+    /// Events in the in-memory history, and how many it keeps.
+    pub history: u64,
+    pub history_capacity: u64,
+    /// Aged out of the history (not loss).
+    pub evicted: u64,
+    /// Events slow `--follow` clients skipped (still in the history; not loss).
+    pub follower_missed: u64,
+}
+
+/// One denied (or audited) flow among the busiest of the last minutes.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TopFlow {
+    /// The executable, or `uid N` when it is unknown.
+    pub identity: String,
+    /// `addr:port/proto`.
+    pub peer: String,
+    pub count: u64,
+}
+
+/// Decisions of one (hook, verdict).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct HookDecisions {
+    pub hook: String,
+    pub verdict: String,
+    pub count: u64,
+}
+
 /// The result of the last policy load or reload.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ReloadResult {
@@ -91,6 +144,14 @@ pub struct Status {
     pub policy: Vec<PathBuf>,
     pub pid: u32,
     pub last_reload: ReloadResult,
+    #[serde(default)]
+    pub events: EventStats,
+    /// Busiest denied/audited flows of the last 5 minutes.
+    #[serde(default)]
+    pub top_denied: Vec<TopFlow>,
+    /// Decisions per hook and verdict (XDP's are in `xdp`).
+    #[serde(default)]
+    pub decisions_by_hook: Vec<HookDecisions>,
     /// The XDP front door per `--xdp` interface (empty without `--xdp`); `healthy` requires
     /// each to be attached.
     #[serde(default)]
@@ -116,6 +177,37 @@ pub enum ControlError {
         socket: PathBuf,
         source: serde_json::Error,
     },
+}
+
+/// Send one request and hand every response line to `each` until the daemon closes the
+/// connection or `each` returns false (streaming requests: `events`).
+pub fn stream(
+    socket: &Path,
+    req: &Request,
+    mut each: impl FnMut(&str) -> bool,
+) -> Result<(), ControlError> {
+    let io = |source| ControlError::Io {
+        socket: socket.to_path_buf(),
+        source,
+    };
+    let mut stream = UnixStream::connect(socket).map_err(|source| ControlError::Connect {
+        socket: socket.to_path_buf(),
+        source,
+    })?;
+    let mut line = serde_json::to_string(req).map_err(|source| ControlError::Protocol {
+        socket: socket.to_path_buf(),
+        source,
+    })?;
+    line.push('\n');
+    stream.write_all(line.as_bytes()).map_err(io)?;
+    let reader = BufReader::new(stream);
+    for line in reader.lines() {
+        let line = line.map_err(io)?;
+        if !each(&line) {
+            break;
+        }
+    }
+    Ok(())
 }
 
 /// Send one request and wait for its response.

@@ -17,30 +17,57 @@ use tokio::{
     signal::unix::{signal, SignalKind},
     sync::mpsc,
 };
-use zt_common::{Stat, FLAG_GLOBAL_AUDIT, FLAG_LOG_ALLOWED, RULE_DEFAULT};
+use zt_common::{
+    DecisionEvent, Stat, EVENT_RING_BYTES, FLAG_GLOBAL_AUDIT, FLAG_LOG_ALLOWED, RULE_DEFAULT,
+};
 
-/// Print a line to stdout; a closed stdout (a gone terminal or pipe) must never stop the
-/// daemon, so errors are ignored.
+/// How ztd writes its lines (`--log-format`); set once at start-up.
+static LOG_FORMAT: std::sync::OnceLock<LogFormat> = std::sync::OnceLock::new();
+
+fn log_format() -> LogFormat {
+    LOG_FORMAT.get().copied().unwrap_or(LogFormat::Text)
+}
+
+/// Write one line: as it is, or as a JSON object (`time`, `level`, `msg`, fields). A closed
+/// stdout or stderr (a gone terminal or pipe) must never stop the daemon: errors are ignored.
+fn emit_line(to_stderr: bool, level: &str, message: &str, fields: &[(&str, serde_json::Value)]) {
+    use std::io::Write as _;
+    let line = match log_format() {
+        LogFormat::Text => message.to_string(),
+        LogFormat::Json => log_line(LogFormat::Json, level, message, fields),
+    };
+    if to_stderr {
+        let _ = writeln!(std::io::stderr().lock(), "{line}");
+    } else {
+        let _ = writeln!(std::io::stdout().lock(), "{line}");
+    }
+}
+
+/// Print an informational line to stdout.
 macro_rules! say {
     ($($arg:tt)*) => {{
-        use std::io::Write as _;
-        let _ = writeln!(std::io::stdout().lock(), $($arg)*);
+        emit_line(false, "info", &format!($($arg)*), &[]);
     }};
 }
 
-/// Like [`say!`], on stderr.
+/// Print a warning or error line to stderr.
 macro_rules! warn {
     ($($arg:tt)*) => {{
-        use std::io::Write as _;
-        let _ = writeln!(std::io::stderr().lock(), $($arg)*);
+        emit_line(true, "warn", &format!($($arg)*), &[]);
     }};
 }
 
 use crate::{
     btf,
-    control::{Decisions, ReloadResult, Request, Response, RuleCounter, Status},
+    control::{
+        Decisions, EventStats, HookDecisions, ReloadResult, Request, Response, RuleCounter, Status,
+        TopFlow,
+    },
+    enrich::Enricher,
     events,
+    history::{log_line, now_ns, EventFilter, EventRecord, FollowItem, History, LogFormat},
     loader::{self, HookStart, Layout, Loader, LoaderError},
+    metrics::{self, MetricsSnapshot},
     policy::{self, Compiled, Diagnostic, SystemResolver},
     sys,
     xdp::{self, XdpFront, XdpModePref},
@@ -76,6 +103,12 @@ pub struct Options {
     pub xdp: Vec<String>,
     /// XDP attach mode (`--xdp-mode`).
     pub xdp_mode: XdpModePref,
+    /// Events kept in memory for `ztctl events` (`--history`).
+    pub history: usize,
+    /// Serve Prometheus metrics here (`--metrics`).
+    pub metrics: Option<std::net::SocketAddr>,
+    /// How ztd writes its lines (`--log-format`).
+    pub log_format: LogFormat,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -94,6 +127,8 @@ pub enum DaemonError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Metrics(#[from] metrics::MetricsError),
     #[error("another ztd is already serving {0}: stop it first, or pass another --socket")]
     AlreadyRunning(PathBuf),
     #[error("cgroup {0} is not a directory of the cgroup2 filesystem; create it or pass another --cgroup")]
@@ -194,7 +229,7 @@ impl State {
         }
     }
 
-    fn status(&self) -> Response {
+    fn status(&self, history: &History) -> Response {
         let hooks = self.loader.health();
         let xdp = self.xdp.as_ref().map(XdpFront::status).unwrap_or_default();
         let healthy = hooks.iter().all(|h| h.attached) && xdp.iter().all(|x| x.attached);
@@ -217,6 +252,47 @@ impl State {
         }));
         let stats = self.loader.stats().unwrap_or_default();
         let stat = |s| Loader::stat(&stats, s);
+        let (xdp_sent, xdp_lost, xdp_skipped) = xdp.iter().fold((0, 0, 0), |acc, x| {
+            (
+                acc.0 + x.counters.events_sent,
+                acc.1 + x.counters.events_lost,
+                acc.2 + x.counters.events_skipped,
+            )
+        });
+        let counted = history.counters();
+        let lost_kernel = stat(Stat::EventLost) + xdp_lost;
+        let events = EventStats {
+            produced: stat(Stat::EventSent) + xdp_sent + lost_kernel,
+            delivered: counted.delivered,
+            lost_kernel,
+            lost_daemon: counted.lost_in_daemon,
+            suppressed: stat(Stat::EventSuppressed) + xdp_skipped,
+            ring_fill_bytes: self.loader.ring_fill(),
+            ring_size_bytes: u64::from(EVENT_RING_BYTES),
+            history: counted.len,
+            history_capacity: counted.capacity,
+            evicted: counted.evicted,
+            follower_missed: counted.follower_missed,
+        };
+        let top_denied = history
+            .top_denied(std::time::Duration::from_secs(300), 10, now_ns())
+            .into_iter()
+            .map(|(identity, peer, count)| TopFlow {
+                identity,
+                peer,
+                count,
+            })
+            .collect();
+        let decisions_by_hook = self
+            .loader
+            .hook_verdicts()
+            .into_iter()
+            .map(|(hook, verdict, count)| HookDecisions {
+                hook: hook.name().to_string(),
+                verdict: events::verdict_name(verdict as u8).to_string(),
+                count,
+            })
+            .collect();
         Response::Status(Box::new(Status {
             healthy,
             mode: self.opts.mode.as_str().to_string(),
@@ -241,7 +317,20 @@ impl State {
             pid: std::process::id(),
             last_reload: self.last_reload.clone(),
             xdp,
+            events,
+            top_denied,
+            decisions_by_hook,
         }))
+    }
+
+    /// Where a rule is, for event records: `path:line:column`, or `default`.
+    fn rule_location(&self, id: u32) -> String {
+        match self.compiled.rules.iter().find(|r| r.id == id) {
+            Some(r) if id != RULE_DEFAULT => {
+                format!("{}:{}:{}", r.path.display(), r.line, r.column)
+            }
+            _ => "default".to_string(),
+        }
     }
 
     fn rule_label(&self, id: u32) -> String {
@@ -294,6 +383,7 @@ fn bind_socket(path: &Path) -> Result<UnixListener, DaemonError> {
 
 /// Run the daemon until a signal or `unload`.
 pub async fn run(opts: Options) -> Result<(), DaemonError> {
+    let _ = LOG_FORMAT.set(opts.log_format);
     let cgroup_root = check_cgroup(&opts.cgroup)?;
     // Everything that can fail on bad input happens before the kernel is touched.
     let (compiled, warnings) = compile_policy(&opts.policy, &cgroup_root)?;
@@ -362,7 +452,31 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
         opts.socket.display()
     );
     let events_map = state.loader.take_events();
+    let enricher = Enricher::new(state.cgroup_root.clone());
     let state = Arc::new(Mutex::new(state));
+    let history = Arc::new(Mutex::new(History::new(opts.history.max(1), 4096)));
+
+    let (metrics_stop, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
+    if let Some(addr) = opts.metrics {
+        let server = metrics::MetricsServer::bind(addr)
+            .await
+            .map_err(DaemonError::Metrics)?;
+        let bound = server.local_addr().map_err(DaemonError::Metrics)?;
+        say!("ztd: metrics at http://{bound}/metrics");
+        let snapshot: metrics::SnapshotFn = {
+            let state = Arc::clone(&state);
+            let history = Arc::clone(&history);
+            Arc::new(move || snapshot(&state, &history))
+        };
+        tokio::spawn(async move {
+            let stop = async {
+                let _ = metrics_stopped.await;
+            };
+            if let Err(e) = server.run(snapshot, stop).await {
+                warn!("ztd: metrics server: {e}");
+            }
+        });
+    }
 
     let (unload_tx, mut unload_rx) = mpsc::channel::<()>(1);
     let mut term = signal(SignalKind::terminate()).map_err(sig_err)?;
@@ -373,7 +487,8 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
         match RingBuf::try_from(map) {
             Ok(ring) => {
                 let state = Arc::clone(&state);
-                tokio::spawn(async move { print_events(ring, state).await });
+                let history = Arc::clone(&history);
+                tokio::spawn(async move { read_events(ring, state, history, enricher).await });
             }
             Err(e) => warn!("ztd: events unavailable: {e}"),
         }
@@ -384,8 +499,9 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
             accepted = listener.accept() => {
                 if let Ok((stream, _)) = accepted {
                     let state = Arc::clone(&state);
+                    let history = Arc::clone(&history);
                     let unload_tx = unload_tx.clone();
-                    tokio::spawn(async move { serve(stream, state, unload_tx).await });
+                    tokio::spawn(async move { serve(stream, state, history, unload_tx).await });
                 }
             }
             _ = hup.recv() => {
@@ -402,6 +518,7 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
             }
         }
     }
+    let _ = metrics_stop.send(());
     let _ = std::fs::remove_file(&opts.socket);
     say!(
         "ztd: stopping; enforcement stays in the kernel (pinned under {}). `ztctl unload --bpffs {}` removes it.",
@@ -444,11 +561,20 @@ fn sig_err(source: std::io::Error) -> DaemonError {
     }
 }
 
-async fn serve(stream: UnixStream, state: Arc<Mutex<State>>, unload_tx: mpsc::Sender<()>) {
+async fn serve(
+    stream: UnixStream,
+    state: Arc<Mutex<State>>,
+    history: Arc<Mutex<History>>,
+    unload_tx: mpsc::Sender<()>,
+) {
     let (read, mut write) = stream.into_split();
     let mut lines = BufReader::new(read).lines();
     while let Ok(Some(line)) = lines.next_line().await {
         let mut unloaded = false;
+        if let Ok(Request::Events { filter, follow }) = serde_json::from_str::<Request>(&line) {
+            stream_events(&mut write, &history, filter, follow).await;
+            return;
+        }
         let response = match serde_json::from_str::<Request>(&line) {
             Err(e) => Response::Error {
                 message: format!("bad request: {e}"),
@@ -460,7 +586,14 @@ async fn serve(stream: UnixStream, state: Arc<Mutex<State>>, unload_tx: mpsc::Se
                     diagnostics: Vec::new(),
                 },
                 Ok(mut s) => match req {
-                    Request::Status => s.status(),
+                    Request::Status => match history.lock() {
+                        Ok(h) => s.status(&h),
+                        Err(_) => s.status(&History::new(1, 1)),
+                    },
+                    Request::Events { .. } => Response::Error {
+                        message: "events requests are streamed".to_string(),
+                        diagnostics: Vec::new(),
+                    },
                     Request::Reload => s.reload(),
                     Request::Unload => {
                         let layout = Layout {
@@ -500,7 +633,114 @@ async fn serve(stream: UnixStream, state: Arc<Mutex<State>>, unload_tx: mpsc::Se
     }
 }
 
-async fn print_events(ring: RingBuf<aya::maps::MapData>, state: Arc<Mutex<State>>) {
+/// Write the matching history, then (with `follow`) every new matching event, one JSON
+/// `FollowItem` per line, until the client goes away.
+async fn stream_events(
+    write: &mut tokio::net::unix::OwnedWriteHalf,
+    history: &Arc<Mutex<History>>,
+    filter: EventFilter,
+    follow: bool,
+) {
+    if let Err(e) = filter.validate() {
+        let response = Response::Error {
+            message: e.to_string(),
+            diagnostics: Vec::new(),
+        };
+        let text = serde_json::to_string(&response).unwrap_or_default() + "\n";
+        let _ = write.write_all(text.as_bytes()).await;
+        return;
+    }
+    let (past, follower) = match history.lock() {
+        Ok(h) => {
+            let (past, follower) = h.query_and_subscribe(&filter, now_ns());
+            (past, follow.then_some(follower))
+        }
+        Err(_) => return,
+    };
+    let mut out = String::new();
+    for record in past {
+        out.push_str(
+            &serde_json::to_string(&FollowItem::Event(Box::new(record))).unwrap_or_default(),
+        );
+        out.push('\n');
+    }
+    if write.write_all(out.as_bytes()).await.is_err() {
+        return;
+    }
+    let Some(mut follower) = follower else {
+        return;
+    };
+    while let Some(item) = follower.recv().await {
+        let text = serde_json::to_string(&item).unwrap_or_default() + "\n";
+        if write.write_all(text.as_bytes()).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// What `/metrics` shows now.
+fn snapshot(state: &Arc<Mutex<State>>, history: &Arc<Mutex<History>>) -> MetricsSnapshot {
+    let (Ok(s), Ok(h)) = (state.lock(), history.lock()) else {
+        return MetricsSnapshot::default();
+    };
+    let Response::Status(st) = s.status(&h) else {
+        return MetricsSnapshot::default();
+    };
+    let mut decisions: Vec<(String, String, u64)> = st
+        .decisions_by_hook
+        .iter()
+        .map(|d| (d.verdict.clone(), d.hook.clone(), d.count))
+        .collect();
+    for x in &st.xdp {
+        let c = &x.counters;
+        decisions.push(("allow".into(), "xdp".into(), c.passed + c.passed_not_judged));
+        decisions.push((
+            "deny".into(),
+            "xdp".into(),
+            c.dropped_deny_list + c.dropped_closed_port + c.dropped_malformed,
+        ));
+        decisions.push(("audit".into(), "xdp".into(), c.audited));
+    }
+    let counted = h.counters();
+    MetricsSnapshot {
+        decisions,
+        rule_hits: st
+            .counters
+            .iter()
+            .map(|c| (c.id, c.location.clone(), c.hits))
+            .collect(),
+        events_produced: st.events.produced,
+        events_delivered: st.events.delivered,
+        events_lost_kernel: st.events.lost_kernel,
+        events_lost_daemon: st.events.lost_daemon,
+        events_evicted: st.events.evicted,
+        events_suppressed: st.events.suppressed,
+        follower_missed: st.events.follower_missed,
+        history_events: counted.len,
+        followers: counted.followers,
+        ring_fill_bytes: st.events.ring_fill_bytes,
+        ring_size_bytes: st.events.ring_size_bytes,
+        kernel_errors: vec![
+            ("no_policy".into(), st.decisions.no_policy),
+            ("exe_unreadable".into(), st.decisions.exe_unreadable),
+            ("rule_unknown".into(), st.decisions.rule_unknown),
+        ],
+        generation: st.generation,
+        healthy: st.healthy,
+        last_reload_time: st.last_reload.at,
+        last_reload_ok: st.last_reload.ok,
+        ..MetricsSnapshot::default()
+    }
+}
+
+/// Read decision events from the ring buffer: enrich, print, keep in the history. A record
+/// that cannot be parsed is counted as lost in the daemon, never dropped silently.
+async fn read_events(
+    ring: RingBuf<aya::maps::MapData>,
+    state: Arc<Mutex<State>>,
+    history: Arc<Mutex<History>>,
+    mut enricher: Enricher,
+) {
     let offset = events::monotonic_to_realtime_offset();
     let mut exe_cache = HashMap::new();
     // SAFETY: the ring buffer owns its fd for as long as the AsyncFd owns the ring buffer.
@@ -521,15 +761,54 @@ async fn print_events(ring: RingBuf<aya::maps::MapData>, state: Arc<Mutex<State>
         };
         let ring: &mut RingBuf<MapData> = guard.get_inner_mut();
         while let Some(item) = ring.next() {
-            let Some(ev) = events::parse(&item) else {
+            let Some(ev) = DecisionEvent::from_bytes(&item) else {
+                if let Ok(mut h) = history.lock() {
+                    h.count_lost(1);
+                }
                 continue;
             };
-            let exe = events::exe_path(ev.tgid, &mut exe_cache);
-            let rule = match state.lock() {
-                Ok(s) => s.rule_label(ev.rule),
-                Err(_) => format!("#{}", ev.rule),
+            let (label, location, pinned_exe) = match state.lock() {
+                Ok(s) => (
+                    s.rule_label(ev.rule),
+                    s.rule_location(ev.rule),
+                    s.compiled
+                        .exe_paths
+                        .iter()
+                        .find(|(key, _)| *key == ev.exe)
+                        .map(|(_, path)| path.display().to_string()),
+                ),
+                Err(_) => (format!("#{}", ev.rule), "default".to_string(), None),
             };
-            say!("{}", events::format_line(&ev, offset, &exe, &rule));
+            let mut record = EventRecord::from_event(&ev, offset, location);
+            record.enrich(&mut enricher);
+            if record.exe.is_none() {
+                // The process is gone; the policy may still name its executable.
+                record.exe = pinned_exe;
+            }
+            match log_format() {
+                LogFormat::Text => {
+                    let exe = match &record.exe {
+                        Some(path) => path.clone(),
+                        None => events::exe_path(ev.tgid, &mut exe_cache),
+                    };
+                    say!("{}", events::format_line(&ev, offset, &exe, &label));
+                }
+                LogFormat::Json => {
+                    let fields: Vec<(String, serde_json::Value)> =
+                        match serde_json::to_value(&record) {
+                            Ok(serde_json::Value::Object(map)) => map.into_iter().collect(),
+                            _ => Vec::new(),
+                        };
+                    let fields: Vec<(&str, serde_json::Value)> = fields
+                        .iter()
+                        .map(|(k, v)| (k.as_str(), v.clone()))
+                        .collect();
+                    emit_line(false, "info", "decision", &fields);
+                }
+            }
+            if let Ok(mut h) = history.lock() {
+                h.push(record);
+            }
         }
         guard.clear_ready();
     }

@@ -46,32 +46,33 @@ pub fn rfc3339(ns: i128) -> String {
     )
 }
 
-/// Parse a ring buffer record.
+/// Parse a ring buffer record (checks the header's kind and layout version).
 pub fn parse(bytes: &[u8]) -> Option<DecisionEvent> {
-    if bytes.len() < std::mem::size_of::<DecisionEvent>() {
-        return None;
+    DecisionEvent::from_bytes(bytes)
+}
+
+fn addr(family: u8, bytes: &[u8; 16]) -> IpAddr {
+    if family == 4 {
+        IpAddr::V4(Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3]))
+    } else {
+        IpAddr::V6(Ipv6Addr::from(*bytes))
     }
-    // SAFETY: DecisionEvent is plain old data and the record is at least that long.
-    Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr() as *const DecisionEvent) })
 }
 
 pub fn peer(ev: &DecisionEvent) -> IpAddr {
-    if ev.family == 4 {
-        IpAddr::V4(Ipv4Addr::new(
-            ev.peer_addr[0],
-            ev.peer_addr[1],
-            ev.peer_addr[2],
-            ev.peer_addr[3],
-        ))
-    } else {
-        IpAddr::V6(Ipv6Addr::from(ev.peer_addr))
-    }
+    addr(ev.family, &ev.peer_addr)
+}
+
+/// The local address, if the kernel knew it.
+pub fn local(ev: &DecisionEvent) -> Option<IpAddr> {
+    (ev.local_addr != [0; 16]).then(|| addr(ev.family, &ev.local_addr))
 }
 
 pub fn proto_name(code: u8) -> &'static str {
     match code {
         0 => "tcp",
         1 => "udp",
+        3 => "icmp",
         _ => "other",
     }
 }
@@ -116,12 +117,14 @@ pub fn format_line(ev: &DecisionEvent, offset_ns: i128, exe: &str, rule: &str) -
     let proto = proto_name(ev.proto);
     // Which way the decision looked: out to a peer, in from a peer to a local port, a bind
     // of a local address, or the creation of a socket.
+    let local_end = match local(ev) {
+        Some(IpAddr::V6(a)) => format!("[{a}]:{}", ev.local_port),
+        Some(a) => format!("{a}:{}", ev.local_port),
+        None => format!("port {}", ev.local_port),
+    };
     let peer = match Hook::from_code(ev.hook) {
-        Some(Hook::SkbIngress | Hook::Xdp) => match peer(ev) {
-            IpAddr::V4(a) => format!("<- {a} to port {}/{proto}", ev.peer_port),
-            IpAddr::V6(a) => format!("<- {a} to port {}/{proto}", ev.peer_port),
-        },
-        Some(Hook::Bind4 | Hook::Bind6) => format!("bind {addr}/{proto}"),
+        Some(Hook::SkbIngress | Hook::Xdp) => format!("<- {addr} to {local_end}/{proto}"),
+        Some(Hook::Bind4 | Hook::Bind6) => format!("bind {local_end}/{proto}"),
         Some(Hook::SockCreate) => format!("socket {proto}"),
         _ => format!("-> {addr}/{proto}"),
     };
@@ -157,7 +160,10 @@ mod tests {
     #[test]
     fn short_records_are_refused() {
         assert!(parse(&[0u8; 8]).is_none());
-        let bytes = [0u8; std::mem::size_of::<DecisionEvent>()];
-        assert!(parse(&bytes).is_some());
+        let mut ev = DecisionEvent::default();
+        ev.header.kind = zt_common::EVENT_DECISION;
+        ev.header.version = zt_common::EVENT_VERSION;
+        assert!(parse(&ev.to_bytes()).is_some());
+        assert!(parse(&[0u8; DecisionEvent::SIZE]).is_none(), "no header");
     }
 }

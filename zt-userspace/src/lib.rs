@@ -10,3 +10,8 @@ pub mod loader;
 pub mod policy;
 pub mod sys;
 pub mod xdp;
+
+// The event pipeline: history and filters, enrichment, metrics.
+pub mod enrich;
+pub mod history;
+pub mod metrics;

@@ -32,7 +32,7 @@ use aya::{
 };
 use zt_common::{
     ActiveSlot, DecisionKey, DecisionValue, ExeKey, Hook, KernelOffsets, RuleOfKey, SlotConfig,
-    Stat, MAX_RULES, PORTS_PER_PROTO, PORT_PROTOS, STAT_COUNT,
+    Stat, Verdict, HOOK_CODES, MAX_RULES, PORTS_PER_PROTO, PORT_PROTOS, STAT_COUNT, VERDICT_CODES,
 };
 
 use crate::{policy::Compiled, sys};
@@ -315,6 +315,36 @@ impl Loader {
             .collect()
     }
 
+    /// Bytes waiting in the ring buffer when an event was last sent (a per-CPU gauge: the
+    /// largest value).
+    pub fn ring_fill(&self) -> u64 {
+        let Ok(stats) = map::<PerCpuArray<&MapData, u64>>(&self.ebpf, "STATS") else {
+            return 0;
+        };
+        stats
+            .get(&(Stat::RingFill as u32), 0)
+            .map(|v| v.iter().copied().max().unwrap_or(0))
+            .unwrap_or(0)
+    }
+
+    /// Decisions per (hook, verdict), summed over CPUs; zero counts are left out.
+    pub fn hook_verdicts(&self) -> Vec<(Hook, Verdict, u64)> {
+        let Ok(counts) = map::<PerCpuArray<&MapData, u64>>(&self.ebpf, "HOOK_VERDICTS") else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for hook in Hook::ALL {
+            for verdict in [Verdict::Allow, Verdict::Deny, Verdict::Audit] {
+                let index = (hook as u32 % HOOK_CODES) * VERDICT_CODES + verdict as u32;
+                let n: u64 = counts.get(&index, 0).map(|v| v.iter().sum()).unwrap_or(0);
+                if n > 0 {
+                    out.push((hook, verdict, n));
+                }
+            }
+        }
+        out
+    }
+
     pub fn stat(stats: &[u64], stat: Stat) -> u64 {
         stats.get(stat as usize).copied().unwrap_or(0)
     }
@@ -380,6 +410,12 @@ pub fn unload(layout: &Layout) -> std::io::Result<Vec<PathBuf>> {
         };
         for entry in entries {
             let path = entry?.path();
+            if dir == layout.links_dir() {
+                // Detach now, so that nothing is attached once unload returns.
+                if let Ok(fd) = sys::obj_get(&path) {
+                    let _ = sys::link_detach(fd.as_fd());
+                }
+            }
             std::fs::remove_file(&path)?;
             removed.push(path);
         }

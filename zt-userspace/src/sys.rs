@@ -13,6 +13,7 @@ use std::{
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_PROG_QUERY: libc::c_long = 16;
 const BPF_LINK_UPDATE: libc::c_long = 29;
+const BPF_LINK_DETACH: libc::c_long = 34;
 
 /// `union bpf_attr` is at most this big for the commands used here; zero-filled.
 #[repr(C, align(8))]
@@ -72,6 +73,15 @@ pub fn link_update(link: BorrowedFd<'_>, new_prog: BorrowedFd<'_>) -> io::Result
     attr.put_u32(0, link.as_raw_fd() as u32);
     attr.put_u32(4, new_prog.as_raw_fd() as u32);
     bpf(BPF_LINK_UPDATE, &mut attr).map(|_| ())
+}
+
+/// Detach a link from its hook now, whoever else still holds it (`BPF_LINK_DETACH`).
+/// Unpinning alone detaches only when the last reference goes, which the kernel finishes
+/// asynchronously.
+pub fn link_detach(link: BorrowedFd<'_>) -> io::Result<()> {
+    let mut attr = Attr::new();
+    attr.put_u32(0, link.as_raw_fd() as u32);
+    bpf(BPF_LINK_DETACH, &mut attr).map(|_| ())
 }
 
 /// Ids of the programs the kernel runs for `attach_type` on the cgroup `target` (effective

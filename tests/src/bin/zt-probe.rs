@@ -64,6 +64,8 @@ enum Cmd {
         /// Source address to bind before connecting (port 0).
         #[arg(long)]
         src: Option<std::net::IpAddr>,
+        #[command(flatten)]
+        report: Report,
     },
     /// `bind()` (and for tcp `listen()`) to ADDR and print the outcome.
     Bind {
@@ -75,6 +77,8 @@ enum Cmd {
         cgroup: Option<PathBuf>,
         #[arg(long)]
         uid: Option<u32>,
+        #[command(flatten)]
+        report: Report,
     },
     /// Create a socket of a kind zt controls at creation and print the outcome.
     Socket {
@@ -90,6 +94,8 @@ enum Cmd {
         /// Also send an ICMP echo request to this IPv4 address and wait for the reply.
         #[arg(long)]
         ping: Option<std::net::Ipv4Addr>,
+        #[command(flatten)]
+        report: Report,
     },
     /// Create an unconnected UDP socket, pass it over SCM_RIGHTS to a child process running as
     /// `to_uid`, which sends one datagram to ADDR on it: prints the child's outcome.
@@ -123,6 +129,57 @@ enum Cmd {
         #[arg(long)]
         cgroup: Option<PathBuf>,
     },
+    /// Make COUNT `connect()` attempts to ADDR's address, cycling the destination port over
+    /// PORT_SPREAD values from ADDR's port up (UDP: one socket, no packet sent; TCP: a
+    /// non-blocking socket per attempt), and print `eperm=X ok=Y other=Z`.
+    Flood {
+        #[arg(long)]
+        proto: Proto,
+        #[arg(long)]
+        addr: SocketAddr,
+        #[arg(long)]
+        count: u64,
+        #[arg(long, default_value_t = 1)]
+        port_spread: u16,
+        #[arg(long)]
+        cgroup: Option<PathBuf>,
+        #[arg(long)]
+        uid: Option<u32>,
+        /// Stay alive this long (ms) after printing the counts.
+        #[arg(long, default_value_t = 0)]
+        linger_ms: u64,
+    },
+}
+
+/// Flags of the one-call subcommands (connect, bind, socket) for tests that check the
+/// events a call produces.
+#[derive(clap::Args, Default)]
+struct Report {
+    /// Write this process's pid (its tgid; the call is made by the main thread) to PATH
+    /// before doing anything else.
+    #[arg(long)]
+    pid_file: Option<PathBuf>,
+    /// Stay alive this long (ms) after printing the outcome, so that the daemon can still
+    /// read `/proc/<pid>/exe` when it reports the call.
+    #[arg(long, default_value_t = 0)]
+    linger_ms: u64,
+}
+
+impl Report {
+    fn start(&self) {
+        if let Some(path) = &self.pid_file {
+            if let Err(e) = std::fs::write(path, std::process::id().to_string()) {
+                eprintln!("pid file {}: {e}", path.display());
+            }
+        }
+    }
+
+    /// Print the outcome, then linger.
+    fn finish(&self, outcome: &str) {
+        println!("{outcome}");
+        let _ = std::io::stdout().flush();
+        std::thread::sleep(Duration::from_millis(self.linger_ms));
+    }
 }
 
 fn main() {
@@ -139,7 +196,9 @@ fn main() {
             euid,
             delay_ms,
             src,
+            report,
         } => {
+            report.start();
             if let Err(e) = enter(cgroup, netns, gid, uid, euid) {
                 println!("error:setup:{e}");
                 return;
@@ -155,14 +214,16 @@ fn main() {
             } else {
                 addr
             };
-            println!("{}", outcome(call(proto, addr, unconnected, src)));
+            report.finish(&outcome(call(proto, addr, unconnected, src)));
         }
         Cmd::Bind {
             proto,
             addr,
             cgroup,
             uid,
+            report,
         } => {
+            report.start();
             if let Err(e) = enter(cgroup, None, None, uid, None) {
                 println!("error:setup:{e}");
                 return;
@@ -171,7 +232,7 @@ fn main() {
                 Proto::Tcp => bind_tcp(addr).map(drop),
                 Proto::Udp => bind_udp(addr).map(drop),
             };
-            println!("{}", outcome(r));
+            report.finish(&outcome(r));
         }
         Cmd::Socket {
             kind,
@@ -179,7 +240,9 @@ fn main() {
             gid,
             netns,
             ping,
+            report,
         } => {
+            report.start();
             if let Err(e) = enter(cgroup, netns, gid, None, None) {
                 println!("error:setup:{e}");
                 return;
@@ -191,7 +254,7 @@ fn main() {
             // SAFETY: plain socket(2); the fd is owned right away.
             let fd = unsafe { libc::socket(libc::AF_INET, ty, libc::IPPROTO_ICMP) };
             if fd < 0 {
-                println!("{}", outcome(Err(std::io::Error::last_os_error())));
+                report.finish(&outcome(Err(std::io::Error::last_os_error())));
                 return;
             }
             // SAFETY: fd is a new, valid descriptor.
@@ -199,8 +262,8 @@ fn main() {
                 <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd)
             });
             match ping {
-                None => println!("ok"),
-                Some(to) => println!("{}", outcome(echo(&sock, to, kind))),
+                None => report.finish("ok"),
+                Some(to) => report.finish(&outcome(echo(&sock, to, kind))),
             }
         }
         Cmd::PassFd {
@@ -233,7 +296,68 @@ fn main() {
             }
             serve(&bind, &ports);
         }
+        Cmd::Flood {
+            proto,
+            addr,
+            count,
+            port_spread,
+            cgroup,
+            uid,
+            linger_ms,
+        } => {
+            if let Err(e) = enter(cgroup, None, None, uid, None) {
+                println!("error:setup:{e}");
+                return;
+            }
+            let (eperm, ok, other) = flood(proto, addr, count, port_spread);
+            println!("eperm={eperm} ok={ok} other={other}");
+            let _ = std::io::stdout().flush();
+            std::thread::sleep(Duration::from_millis(linger_ms));
+        }
     }
+}
+
+/// See `Cmd::Flood`: `(eperm, ok, other)`.
+fn flood(proto: Proto, addr: SocketAddr, count: u64, spread: u16) -> (u64, u64, u64) {
+    use std::os::fd::AsRawFd;
+    let domain = if addr.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
+    let spread = u64::from(spread.max(1));
+    let (mut eperm, mut ok, mut other) = (0u64, 0u64, 0u64);
+    let udp = match proto {
+        Proto::Udp => match socket(domain, libc::SOCK_DGRAM) {
+            Ok(fd) => Some(fd),
+            Err(_) => return (0, 0, count),
+        },
+        Proto::Tcp => None,
+    };
+    for i in 0..count {
+        let port = (u64::from(addr.port()) + i % spread).min(65535) as u16;
+        let to = nix::sys::socket::SockaddrStorage::from(SocketAddr::new(addr.ip(), port));
+        let tcp;
+        let fd = match &udp {
+            Some(fd) => fd.as_raw_fd(),
+            None => match socket(domain, libc::SOCK_STREAM | libc::SOCK_NONBLOCK) {
+                Ok(fd) => {
+                    tcp = fd;
+                    tcp.as_raw_fd()
+                }
+                Err(_) => {
+                    other += 1;
+                    continue;
+                }
+            },
+        };
+        match nix::sys::socket::connect(fd, &to) {
+            Ok(()) | Err(nix::errno::Errno::EINPROGRESS) => ok += 1,
+            Err(nix::errno::Errno::EPERM) => eperm += 1,
+            Err(_) => other += 1,
+        }
+    }
+    (eperm, ok, other)
 }
 
 fn enter(

@@ -5,6 +5,7 @@ use std::{path::PathBuf, process::ExitCode, time::Duration};
 use clap::{Parser, Subcommand};
 use zt::{
     control::{self, Request, Response, Status, DEFAULT_SOCKET},
+    history::{format_text, text_header, EventFilter, FollowItem},
     loader::{self, Layout},
     policy::{self, SystemResolver},
     sys,
@@ -37,6 +38,39 @@ enum Command {
     },
     /// Ask ztd to re-read its policy (applied only if valid in full).
     Reload,
+    /// Decision events from ztd's history, oldest first; with --follow, then live.
+    Events {
+        /// Keep printing new events until interrupted.
+        #[arg(long)]
+        follow: bool,
+        /// One JSON object per line (stable field names; see the README).
+        #[arg(long)]
+        json: bool,
+        /// Only this verdict: deny, allow or audit.
+        #[arg(long)]
+        verdict: Option<String>,
+        /// Only this executable: a full path, or a file name.
+        #[arg(long)]
+        exe: Option<String>,
+        /// Only this (effective) uid.
+        #[arg(long)]
+        uid: Option<u32>,
+        /// Only peers in this CIDR (or this address).
+        #[arg(long)]
+        peer: Option<String>,
+        /// Only events of the last DURATION (e.g. 90s, 15m, 1h, 2d).
+        #[arg(long)]
+        since: Option<String>,
+    },
+    /// A live, refreshing view of the busiest rules and denied flows.
+    Top {
+        /// Seconds between frames.
+        #[arg(long, default_value_t = 2)]
+        interval: u64,
+        /// Stop after this many frames (default: until interrupted).
+        #[arg(long)]
+        iterations: Option<u64>,
+    },
     /// Detach and unpin everything zt pinned under DIR (works without a daemon).
     Unload {
         #[arg(long, default_value = "/sys/fs/bpf/zt")]
@@ -62,6 +96,34 @@ fn main() -> ExitCode {
         Command::Check { paths } => check(&paths),
         Command::Status { json } => status(&args.socket, json),
         Command::Reload => reload(&args.socket),
+        Command::Events {
+            follow,
+            json,
+            verdict,
+            exe,
+            uid,
+            peer,
+            since,
+        } => {
+            let filter = match EventFilter::from_args(
+                verdict.as_deref(),
+                exe.as_deref(),
+                uid,
+                peer.as_deref(),
+                since.as_deref(),
+            ) {
+                Ok(f) => f,
+                Err(e) => {
+                    eprintln!("ztctl: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            events(&args.socket, filter, follow, json)
+        }
+        Command::Top {
+            interval,
+            iterations,
+        } => top(&args.socket, interval.max(1), iterations),
         Command::Unload { bpffs } => unload(&args.socket, bpffs),
     }
 }
@@ -145,8 +207,31 @@ fn print_status(st: &Status) {
         "decisions   allowed {}  denied {}  audited {}  (no policy {}, exe unreadable {}, events lost {})",
         d.allowed, d.denied, d.audited, d.no_policy, d.exe_unreadable, d.events_lost
     );
+    let e = &st.events;
+    println!(
+        "events      produced {}  delivered {}  lost (kernel {}, daemon {})  suppressed {}  ring {} / {} bytes  history {} / {}",
+        e.produced,
+        e.delivered,
+        e.lost_kernel,
+        e.lost_daemon,
+        e.suppressed,
+        e.ring_fill_bytes,
+        e.ring_size_bytes,
+        e.history,
+        e.history_capacity
+    );
     if !st.last_reload.ok {
         println!("last reload FAILED: {}", st.last_reload.message);
+    }
+    if !st.top_denied.is_empty() {
+        println!();
+        println!(
+            "{:>8}  {:<40} PEER (denied or audited, last 5 minutes)",
+            "COUNT", "IDENTITY"
+        );
+        for f in &st.top_denied {
+            println!("{:>8}  {:<40} {}", f.count, f.identity, f.peer);
+        }
     }
     println!();
     println!("{:<10} {:<9} {:>8}", "HOOK", "ATTACHED", "PROG ID");
@@ -258,4 +343,94 @@ fn unexpected(resp: Response) -> ExitCode {
         other => eprintln!("ztctl: unexpected answer from ztd: {other:?}"),
     }
     ExitCode::from(1)
+}
+
+fn events(socket: &std::path::Path, filter: EventFilter, follow: bool, json: bool) -> ExitCode {
+    use std::io::Write as _;
+    if !json {
+        println!("{}", text_header());
+    }
+    let mut failed = None;
+    let result = control::stream(socket, &Request::Events { filter, follow }, |line| {
+        match serde_json::from_str::<FollowItem>(line) {
+            Ok(FollowItem::Event(record)) => {
+                let out = if json {
+                    serde_json::to_string(&record).unwrap_or_default()
+                } else {
+                    format_text(&record)
+                };
+                let mut stdout = std::io::stdout().lock();
+                let _ = writeln!(stdout, "{out}");
+                let _ = stdout.flush();
+                true
+            }
+            Ok(FollowItem::Missed { missed }) => {
+                eprintln!("ztctl: missed {missed} events while catching up; they are in the history (run again without --follow)");
+                true
+            }
+            Err(_) => {
+                match serde_json::from_str::<Response>(line) {
+                    Ok(Response::Error { message, .. }) => failed = Some(message),
+                    _ => failed = Some(format!("unexpected answer from ztd: {line}")),
+                }
+                false
+            }
+        }
+    });
+    if let Err(e) = result {
+        eprintln!("ztctl: {e}");
+        return ExitCode::from(1);
+    }
+    match failed {
+        Some(message) => {
+            eprintln!("ztctl: {message}");
+            ExitCode::from(1)
+        }
+        None => ExitCode::SUCCESS,
+    }
+}
+
+fn top(socket: &std::path::Path, interval: u64, iterations: Option<u64>) -> ExitCode {
+    let mut frame = 0;
+    loop {
+        let st = match ask(socket, &Request::Status) {
+            Err(code) => return code,
+            Ok(Response::Status(st)) => st,
+            Ok(other) => return unexpected(other),
+        };
+        // Clear the screen and go home, like top(1).
+        print!("\x1b[2J\x1b[H");
+        println!(
+            "zt top — generation {}  {}  allowed {}  denied {}  audited {}  events lost {}",
+            st.generation,
+            if st.healthy { "healthy" } else { "UNHEALTHY" },
+            st.decisions.allowed,
+            st.decisions.denied,
+            st.decisions.audited,
+            st.events.lost_kernel + st.events.lost_daemon
+        );
+        println!();
+        println!(
+            "{:>6} {:>10}  {:<44} LOCATION",
+            "RULE", "HITS", "BUSIEST RULES"
+        );
+        let mut rules = st.counters.clone();
+        rules.sort_by(|a, b| b.hits.cmp(&a.hits).then(a.id.cmp(&b.id)));
+        for c in rules.iter().filter(|c| c.hits > 0).take(10) {
+            println!("{:>6} {:>10}  {:<44} {}", c.id, c.hits, c.rule, c.location);
+        }
+        println!();
+        println!(
+            "{:>8}  {:<40} DENIED FLOWS (last 5 minutes)",
+            "COUNT", "IDENTITY"
+        );
+        for f in st.top_denied.iter().take(10) {
+            println!("{:>8}  {:<40} {}", f.count, f.identity, f.peer);
+        }
+        frame += 1;
+        if iterations.is_some_and(|n| frame >= n) {
+            return ExitCode::SUCCESS;
+        }
+        std::thread::sleep(Duration::from_secs(interval));
+    }
 }

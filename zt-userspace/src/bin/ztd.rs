@@ -6,6 +6,7 @@ use clap::{Parser, ValueEnum};
 use zt::{
     control::DEFAULT_SOCKET,
     daemon::{self, DaemonError, GlobalMode, Options},
+    history::LogFormat,
     sys,
     xdp::XdpModePref,
 };
@@ -48,6 +49,15 @@ struct Args {
     /// XDP attach mode: `auto` tries native (driver) mode, then generic (skb) mode.
     #[arg(long, value_enum, default_value = "auto")]
     xdp_mode: XdpMode,
+    /// Decision events kept in memory for `ztctl events`.
+    #[arg(long, default_value_t = 10_000)]
+    history: usize,
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9464); off by default.
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<std::net::SocketAddr>,
+    /// How ztd writes its lines: text, or one JSON object per line (journald, shippers).
+    #[arg(long, value_name = "FORMAT", default_value = "text")]
+    log_format: LogFormat,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -63,12 +73,21 @@ enum XdpMode {
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let args = Args::parse();
+    let log_format = args.log_format;
+    // Text mode prints messages as they are (`path:line:column: message` stays greppable).
+    let error = |message: &str| match log_format {
+        LogFormat::Text => eprintln!("{message}"),
+        LogFormat::Json => eprintln!(
+            "{}",
+            zt::history::log_line(log_format, "error", message, &[])
+        ),
+    };
     let cgroup = match args.cgroup {
         Some(c) => c,
         None => match sys::cgroup2_root() {
             Ok(root) => root,
             Err(e) => {
-                eprintln!("ztd: {e}");
+                error(&format!("ztd: {e}"));
                 return std::process::ExitCode::from(1);
             }
         },
@@ -89,18 +108,21 @@ async fn main() -> std::process::ExitCode {
             XdpMode::Driver => XdpModePref::Driver,
             XdpMode::Skb => XdpModePref::Skb,
         },
+        history: args.history,
+        metrics: args.metrics,
+        log_format: args.log_format,
     };
     match daemon::run(opts).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(DaemonError::Policy(diags)) => {
             for d in &diags {
-                eprintln!("{d}");
+                error(&d.to_string());
             }
-            eprintln!("ztd: the policy is invalid; nothing was attached or changed");
+            error("ztd: the policy is invalid; nothing was attached or changed");
             std::process::ExitCode::from(1)
         }
         Err(e) => {
-            eprintln!("ztd: {e}");
+            error(&format!("ztd: {e}"));
             std::process::ExitCode::from(1)
         }
     }

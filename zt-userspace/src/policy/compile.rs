@@ -133,6 +133,9 @@ pub struct Compiled {
     pub rules: Vec<RuleInfo>,
     /// By bit.
     pub identities: Vec<IdentityInfo>,
+    /// The executables the policy pinned, by (device, inode): names events of processes
+    /// that exited before their path could be read from /proc.
+    pub exe_paths: Vec<(ExeKey, PathBuf)>,
 }
 
 fn check(
@@ -249,6 +252,16 @@ pub fn compile(policy: &Policy) -> Result<Compiled, CompileError> {
         .collect();
     c.decisions = out.decisions;
     c.rule_of = out.rule_of;
+    // Rules with `log = true` report their allows too: the kernel reads the flag with the id.
+    for (_, rule) in &mut c.rule_of {
+        let logged = (*rule as usize)
+            .checked_sub(1)
+            .and_then(|i| policy.rules.get(i))
+            .is_some_and(|r| r.log);
+        if logged {
+            *rule |= zt_common::RULE_LOG_FLAG;
+        }
+    }
     c.ports = ports.array;
     c.rules = policy
         .rules
@@ -362,6 +375,16 @@ fn identities(policy: &Policy) -> Result<Compiled, CompileError> {
         rule_of: Vec::new(),
         rules: Vec::new(),
         identities: infos,
+        exe_paths: {
+            let mut paths: Vec<(ExeKey, PathBuf)> = policy
+                .identities
+                .iter()
+                .filter_map(|id| id.exe.as_ref().map(|e| (e.key, e.path.clone())))
+                .collect();
+            paths.sort();
+            paths.dedup_by(|a, b| a.0 == b.0);
+            paths
+        },
     })
 }
 
