@@ -1561,3 +1561,260 @@ pub fn output_within(mut cmd: Command, timeout: Duration) -> Option<Output> {
         stderr,
     })
 }
+
+// =============================================================================================
+// Policy generations (tests/tests/generations.rs): a continuous load of UDP `connect()`s
+// with per-address counts, a held TCP flow, and a loopback TCP echo server that keeps
+// connections open.
+// =============================================================================================
+
+/// Per-address outcomes of a [`Load`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LoadCounts {
+    pub ok: u64,
+    pub eperm: u64,
+    pub other: u64,
+}
+
+/// `zt-probe load` running in a cgroup: UDP `connect()`s in a loop over a list of addresses
+/// until [`Load::finish`] (or its duration ends). Killed by pid on drop.
+pub struct Load {
+    child: Child,
+    stdin: Option<std::process::ChildStdin>,
+    stdout: BufReader<std::process::ChildStdout>,
+    addrs: Vec<SocketAddr>,
+}
+
+impl Load {
+    /// Run for at most `max`, sleeping `pause` after each round over `addrs`.
+    pub fn start(
+        probe: &Path,
+        cgroup: &Path,
+        addrs: &[SocketAddr],
+        max: Duration,
+        pause: Duration,
+    ) -> Load {
+        let list = addrs
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut child = Command::new(probe)
+            .args(["load", "--addr-list", &list, "--duration-ms"])
+            .arg(max.as_millis().to_string())
+            .arg("--pause-us")
+            .arg(pause.as_micros().to_string())
+            .arg("--cgroup")
+            .arg(cgroup)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn load");
+        let stdin = child.stdin.take();
+        let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
+        let mut line = String::new();
+        let _ = stdout.read_line(&mut line);
+        assert_eq!(line.trim(), "ready", "load did not start");
+        Load {
+            child,
+            stdin,
+            stdout,
+            addrs: addrs.to_vec(),
+        }
+    }
+
+    /// Stop the loop: the number of rounds and each address's counts, in the order given.
+    pub fn finish(mut self) -> (u64, Vec<LoadCounts>) {
+        use std::io::Write;
+        if let Some(mut s) = self.stdin.take() {
+            let _ = s.write_all(b"stop\n");
+        }
+        let mut line = String::new();
+        let _ = self.stdout.read_line(&mut line);
+        let v: serde_json::Value = serde_json::from_str(line.trim())
+            .unwrap_or_else(|e| panic!("load printed {line:?}: {e}"));
+        let rounds = v["rounds"].as_u64().expect("rounds");
+        let ports = v["ports"].as_array().expect("ports");
+        assert_eq!(ports.len(), self.addrs.len(), "{v}");
+        let counts = ports
+            .iter()
+            .zip(&self.addrs)
+            .map(|(p, a)| {
+                assert_eq!(p["addr"], a.to_string(), "{v}");
+                let n = |k: &str| p[k].as_u64().unwrap_or_else(|| panic!("{k} in {v}"));
+                LoadCounts {
+                    ok: n("ok"),
+                    eperm: n("eperm"),
+                    other: n("other"),
+                }
+            })
+            .collect();
+        (rounds, counts)
+    }
+}
+
+impl Drop for Load {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A TCP connection held by `zt-probe hold-tcp` in a cgroup; [`HeldTcp::send`] writes once
+/// and waits for the echo. Killed by pid on drop.
+pub struct HeldTcp {
+    child: Child,
+    stdin: std::process::ChildStdin,
+    stdout: BufReader<std::process::ChildStdout>,
+}
+
+impl HeldTcp {
+    pub fn connect(probe: &Path, cgroup: &Path, addr: SocketAddr, timeout: Duration) -> HeldTcp {
+        let mut child = Command::new(probe)
+            .args(["hold-tcp", "--addr", &addr.to_string(), "--timeout-ms"])
+            .arg(timeout.as_millis().to_string())
+            .arg("--cgroup")
+            .arg(cgroup)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn hold-tcp");
+        let stdin = child.stdin.take().expect("stdin");
+        let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
+        let mut line = String::new();
+        let _ = stdout.read_line(&mut line);
+        assert_eq!(line.trim(), "ready", "hold-tcp did not connect");
+        HeldTcp {
+            child,
+            stdin,
+            stdout,
+        }
+    }
+
+    pub fn send(&mut self) -> String {
+        use std::io::Write;
+        let _ = self.stdin.write_all(b"go\n");
+        let _ = self.stdin.flush();
+        let mut line = String::new();
+        let _ = self.stdout.read_line(&mut line);
+        line.trim().to_string()
+    }
+}
+
+impl Drop for HeldTcp {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A TCP echo server on 127.0.0.1 (in the test process, outside any guarded cgroup) that
+/// echoes every connection until it closes. Its threads end when the process does; the
+/// listener is closed on drop (a connection to itself wakes the accept loop).
+pub struct TcpEcho {
+    pub port: u16,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl TcpEcho {
+    pub fn start() -> TcpEcho {
+        use std::io::{Read, Write};
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind echo");
+        let port = l.local_addr().expect("addr").port();
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopped = Arc::clone(&stop);
+        std::thread::spawn(move || {
+            for s in l.incoming() {
+                if stopped.load(Ordering::Relaxed) {
+                    break;
+                }
+                let Ok(mut s) = s else { continue };
+                std::thread::spawn(move || {
+                    let mut buf = [0u8; 256];
+                    while let Ok(n) = s.read(&mut buf) {
+                        if n == 0 || s.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        TcpEcho { port, stop }
+    }
+}
+
+impl Drop for TcpEcho {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = std::net::TcpStream::connect(("127.0.0.1", self.port));
+    }
+}
+
+// =============================================================================================
+// Differential testing (tests/tests/differential.rs): many calls per probe process, for one
+// identity.
+// =============================================================================================
+
+/// Runs `exe` (the probe, or a copy of it) as `zt-probe batch` in `cgroup` with `uid`/`gid`,
+/// feeds it `cases` (`PROTO ADDR:PORT [mapped] [send]`, one per entry) and returns one
+/// outcome per case (`ok`, `eperm` or `error:...`). Panics if the probe does not answer every
+/// case.
+pub fn probe_batch(exe: &Path, cgroup: &Path, uid: u32, gid: u32, cases: &[String]) -> Vec<String> {
+    use std::io::Write;
+    let mut child = Command::new(exe)
+        .arg("batch")
+        .arg("--cgroup")
+        .arg(cgroup)
+        .arg("--uid")
+        .arg(uid.to_string())
+        .arg("--gid")
+        .arg(gid.to_string())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn zt-probe batch");
+    let mut input = String::new();
+    for c in cases {
+        input.push_str(c);
+        input.push('\n');
+    }
+    let mut stdin = child.stdin.take().expect("probe stdin");
+    let writer = std::thread::spawn(move || {
+        let _ = stdin.write_all(input.as_bytes());
+    });
+    let out = child.wait_with_output().expect("wait for zt-probe batch");
+    let _ = writer.join();
+    let lines: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect();
+    assert_eq!(
+        lines.len(),
+        cases.len(),
+        "zt-probe batch answered {} of {} cases: {lines:?}\nstderr: {}",
+        lines.len(),
+        cases.len(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    lines
+}
+
+// =============================================================================================
+// Daemon lifecycle 2 (tests/tests/lifecycle2.rs): waiting for a status that satisfies a
+// condition (tamper repair, file-watch reloads, apply rollback).
+// =============================================================================================
+
+impl Ztd {
+    /// Poll `status` until `pred` holds; the last status either way (check it).
+    pub fn wait_status(&self, timeout: Duration, pred: impl Fn(&Status) -> bool) -> Status {
+        let end = Instant::now() + timeout;
+        loop {
+            let st = self.status();
+            if pred(&st) || Instant::now() >= end {
+                return st;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}

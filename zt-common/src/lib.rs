@@ -240,6 +240,9 @@ pub struct SlotConfig {
     pub raw_identities: IdentityMask,
     /// Identities allowed ICMP sockets: `raw = true` or some rule with `proto = "icmp"`.
     pub icmp_identities: IdentityMask,
+    /// 64-bit hash of the compiled policy this slot holds (maps, masks, flags): a restarted
+    /// `ztd` whose policy hashes the same keeps the generation. Not read by the kernel.
+    pub policy_hash: u64,
 }
 
 /// Key of the exe map: the executable's device (kernel encoding `major << 20 | minor`)

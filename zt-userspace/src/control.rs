@@ -23,6 +23,15 @@ pub enum Request {
     Reload,
     /// Detach and unpin everything, then exit.
     Unload,
+    /// Compile `path` (file or directory) and apply it as the next generation; unless
+    /// [`Request::Confirm`] arrives within `confirm_within_ms`, roll back to the previous
+    /// policy. Confirmed, `path` becomes ztd's policy path until it restarts.
+    Apply {
+        path: PathBuf,
+        confirm_within_ms: u64,
+    },
+    /// Confirm the pending [`Request::Apply`].
+    Confirm,
     /// Matching history, oldest first, one `history::FollowItem` JSON line each; with
     /// `follow`, then every new matching event until the client goes away.
     Events {
@@ -156,6 +165,31 @@ pub struct Status {
     /// each to be attached.
     #[serde(default)]
     pub xdp: Vec<crate::xdp::XdpStatus>,
+    /// Why the daemon is not healthy (empty when healthy): tampering found in the kernel's
+    /// state (a link detached or unpinned, a map unpinned, ...). Repaired within seconds.
+    #[serde(default)]
+    pub problems: Vec<String>,
+    /// Repairs made since ztd started.
+    #[serde(default)]
+    pub repairs: u64,
+    /// What the last repair did (empty: none yet).
+    #[serde(default)]
+    pub last_repair: String,
+    /// An applied policy waiting for `ztctl confirm` (else it is rolled back).
+    #[serde(default)]
+    pub pending_apply: Option<PendingApply>,
+}
+
+/// A `ztctl apply` waiting for `ztctl confirm`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PendingApply {
+    pub path: PathBuf,
+    /// The generation the apply wrote.
+    pub generation: u64,
+    /// Rolled back at this time (seconds since the Unix epoch) unless confirmed.
+    pub deadline: u64,
+    /// Seconds left until the rollback.
+    pub remaining_secs: u64,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -6,8 +6,11 @@ use std::{
     collections::HashMap,
     os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
-    sync::{Arc, Mutex},
-    time::{SystemTime, UNIX_EPOCH},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+    },
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use aya::maps::{MapData, RingBuf};
@@ -60,8 +63,8 @@ macro_rules! warn {
 use crate::{
     btf,
     control::{
-        Decisions, EventStats, HookDecisions, ReloadResult, Request, Response, RuleCounter, Status,
-        TopFlow,
+        Decisions, EventStats, HookDecisions, PendingApply, ReloadResult, Request, Response,
+        RuleCounter, Status, TopFlow,
     },
     enrich::Enricher,
     events,
@@ -109,7 +112,15 @@ pub struct Options {
     pub metrics: Option<std::net::SocketAddr>,
     /// How ztd writes its lines (`--log-format`).
     pub log_format: LogFormat,
+    /// How often the kernel state is checked for tampering and repaired (`--check-interval`;
+    /// zero: never repaired, `status` still reports problems).
+    pub check_interval: Duration,
+    /// Reload when the policy files change (inotify; `--no-watch` turns it off).
+    pub watch: bool,
 }
+
+/// How long the policy files must be quiet after a change before ztd reloads.
+pub const WATCH_DEBOUNCE: Duration = Duration::from_millis(300);
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -158,6 +169,24 @@ struct State {
     cgroup_root: PathBuf,
     /// The XDP front door, when `--xdp` was given.
     xdp: Option<XdpFront>,
+    /// A `ztctl apply` waiting for `ztctl confirm`.
+    pending: Option<Pending>,
+    /// Repairs made since start, and what the last one did.
+    repairs: u64,
+    last_repair: String,
+    /// The problems last logged (each tamper is logged once, not every check).
+    reported: Vec<String>,
+    /// The policy path changed (a confirmed apply): the file watch must follow it.
+    rewatch: bool,
+}
+
+/// An applied policy waiting for confirmation, and what to roll back to.
+struct Pending {
+    path: PathBuf,
+    generation: u64,
+    deadline: Instant,
+    deadline_unix: u64,
+    previous: Compiled,
 }
 
 fn now_secs() -> u64 {
@@ -179,15 +208,39 @@ impl State {
         flags
     }
 
-    /// Reload: all of the new policy or nothing.
+    /// Reload: all of the new policy or nothing. A policy identical to the active one (same
+    /// hash) keeps the generation.
     fn reload(&mut self) -> Response {
+        if let Some(p) = &self.pending {
+            let message = format!(
+                "an apply of {} (generation {}) is pending: `ztctl confirm` it or wait for its rollback, then reload",
+                p.path.display(),
+                p.generation
+            );
+            return self.refused(message, Vec::new());
+        }
         match compile_policy(&self.opts.policy, &self.cgroup_root) {
             Ok((compiled, warnings)) => {
                 for w in &warnings {
                     warn!("{w}");
                 }
-                match self.loader.apply(&compiled, self.flags()) {
-                    Ok(generation) => {
+                match self.loader.apply_or_keep(&compiled, self.flags()) {
+                    Ok((generation, true)) => {
+                        let message = format!(
+                            "generation {generation}: unchanged ({} rules, {} identities); nothing written",
+                            compiled.rules.len(),
+                            compiled.identities.len()
+                        );
+                        say!("ztd: reloaded policy, {message}");
+                        self.compiled = compiled;
+                        self.last_reload = ReloadResult {
+                            ok: true,
+                            at: now_secs(),
+                            message: message.clone(),
+                        };
+                        Response::Ok { message }
+                    }
+                    Ok((generation, false)) => {
                         let message = format!(
                             "generation {generation}: {} rules, {} identities",
                             compiled.rules.len(),
@@ -213,6 +266,205 @@ impl State {
         }
     }
 
+    /// `ztctl apply PATH --confirm-within D`: apply PATH as the next generation now; roll
+    /// back unless confirmed in time. An invalid PATH changes nothing.
+    fn apply_pending(&mut self, path: PathBuf, within: Duration) -> Response {
+        if let Some(p) = &self.pending {
+            return Response::Error {
+                message: format!(
+                    "an apply of {} (generation {}) is already pending: `ztctl confirm` it or wait for its rollback",
+                    p.path.display(),
+                    p.generation
+                ),
+                diagnostics: Vec::new(),
+            };
+        }
+        let compiled = match compile_policy(std::slice::from_ref(&path), &self.cgroup_root) {
+            Ok((compiled, warnings)) => {
+                for w in &warnings {
+                    warn!("{w}");
+                }
+                compiled
+            }
+            Err(DaemonError::Policy(diags)) => {
+                return Response::Error {
+                    message: format!("{} is invalid; nothing was changed", path.display()),
+                    diagnostics: diags.iter().map(ToString::to_string).collect(),
+                }
+            }
+            Err(e) => {
+                return Response::Error {
+                    message: format!("{}: {e}; nothing was changed", path.display()),
+                    diagnostics: Vec::new(),
+                }
+            }
+        };
+        match self.loader.apply(&compiled, self.flags()) {
+            Ok(generation) => {
+                let message = format!(
+                    "generation {generation}: {} applied ({} rules, {} identities); rolled back in {} unless `ztctl confirm`",
+                    path.display(),
+                    compiled.rules.len(),
+                    compiled.identities.len(),
+                    humantime::format_duration(within)
+                );
+                say!("ztd: apply: {message}");
+                let previous = std::mem::replace(&mut self.compiled, compiled);
+                self.pending = Some(Pending {
+                    path,
+                    generation,
+                    deadline: Instant::now() + within,
+                    deadline_unix: now_secs()
+                        + within.as_secs()
+                        + u64::from(within.subsec_nanos() > 0),
+                    previous,
+                });
+                self.last_reload = ReloadResult {
+                    ok: true,
+                    at: now_secs(),
+                    message: message.clone(),
+                };
+                Response::Ok { message }
+            }
+            Err(e) => Response::Error {
+                message: format!("applying {}: {e}", path.display()),
+                diagnostics: Vec::new(),
+            },
+        }
+    }
+
+    /// `ztctl confirm`: keep the pending apply; its path becomes the policy path.
+    fn confirm(&mut self) -> Response {
+        let Some(p) = self.pending.take() else {
+            return Response::Error {
+                message: "nothing to confirm: no apply is pending".to_string(),
+                diagnostics: Vec::new(),
+            };
+        };
+        let message = format!(
+            "generation {} confirmed; {} is the policy path until ztd restarts",
+            p.generation,
+            p.path.display()
+        );
+        say!("ztd: apply: {message}");
+        self.opts.policy = vec![p.path];
+        self.rewatch = true;
+        Response::Ok { message }
+    }
+
+    /// Roll back a pending apply whose deadline passed: re-apply the previous policy as a new
+    /// generation.
+    fn rollback_if_due(&mut self) {
+        if self
+            .pending
+            .as_ref()
+            .is_none_or(|p| Instant::now() < p.deadline)
+        {
+            return;
+        }
+        let Some(p) = self.pending.take() else {
+            return;
+        };
+        match self.loader.apply(&p.previous, self.flags()) {
+            Ok(generation) => {
+                let message = format!(
+                    "apply of {} (generation {}) not confirmed in time: rolled back to the previous policy as generation {generation}",
+                    p.path.display(),
+                    p.generation
+                );
+                warn!("ztd: {message}");
+                self.compiled = p.previous;
+                self.last_reload = ReloadResult {
+                    ok: true,
+                    at: now_secs(),
+                    message,
+                };
+            }
+            Err(e) => {
+                warn!(
+                    "ztd: rollback of the apply of {} failed: {e}; retrying",
+                    p.path.display()
+                );
+                self.pending = Some(p);
+            }
+        }
+    }
+
+    /// Problems with the kernel state, as text (empty: healthy).
+    fn problems(&self) -> Vec<String> {
+        let mut out: Vec<String> = self
+            .loader
+            .problems()
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        for iface in self.xdp_down() {
+            out.push(format!("xdp {iface}: the front door is not attached"));
+        }
+        out
+    }
+
+    fn xdp_down(&self) -> Vec<String> {
+        self.xdp
+            .as_ref()
+            .map(|f| {
+                f.status()
+                    .into_iter()
+                    .filter(|x| !x.attached)
+                    .map(|x| x.iface)
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Check the kernel state; log and repair what was tampered with.
+    fn check_and_repair(&mut self) {
+        let problems = self.loader.problems();
+        let xdp_down = self.xdp_down();
+        if problems.is_empty() && xdp_down.is_empty() {
+            self.reported.clear();
+            return;
+        }
+        let texts = self.problems();
+        if texts != self.reported {
+            for t in &texts {
+                warn!("ztd: tamper: {t}");
+            }
+            self.reported = texts;
+        }
+        let mut done = Vec::new();
+        let mut failed = false;
+        for p in &problems {
+            match self.loader.repair(p) {
+                Ok(m) => done.push(m),
+                Err(e) => {
+                    failed = true;
+                    warn!("ztd: repair failed: {p}: {e}");
+                }
+            }
+        }
+        let pref = self.opts.xdp_mode;
+        for iface in xdp_down {
+            if let Some(front) = self.xdp.as_mut() {
+                match front.attach_or_adopt(&iface, pref) {
+                    Ok(_) => done.push(format!("xdp {iface}: re-attached")),
+                    Err(e) => {
+                        failed = true;
+                        warn!("ztd: repair failed: xdp {iface}: {e}");
+                    }
+                }
+            }
+        }
+        if !done.is_empty() {
+            self.repairs += done.len() as u64;
+            self.last_repair = done.join("; ");
+            say!("ztd: repaired: {}", self.last_repair);
+        }
+        if !failed {
+            self.reported.clear();
+        }
+    }
+
     fn refused(&mut self, message: String, diagnostics: Vec<String>) -> Response {
         warn!("ztd: reload refused: {message}");
         for d in &diagnostics {
@@ -232,7 +484,10 @@ impl State {
     fn status(&self, history: &History) -> Response {
         let hooks = self.loader.health();
         let xdp = self.xdp.as_ref().map(XdpFront::status).unwrap_or_default();
-        let healthy = hooks.iter().all(|h| h.attached) && xdp.iter().all(|x| x.attached);
+        let problems = self.problems();
+        let healthy = hooks.iter().all(|h| h.attached)
+            && xdp.iter().all(|x| x.attached)
+            && problems.is_empty();
         let (generation, rules) = match self.loader.active() {
             Ok((_, cfg)) => (cfg.generation, cfg.rules),
             Err(_) => (0, 0),
@@ -320,6 +575,18 @@ impl State {
             events,
             top_denied,
             decisions_by_hook,
+            problems,
+            repairs: self.repairs,
+            last_repair: self.last_repair.clone(),
+            pending_apply: self.pending.as_ref().map(|p| PendingApply {
+                path: p.path.clone(),
+                generation: p.generation,
+                deadline: p.deadline_unix,
+                remaining_secs: p
+                    .deadline
+                    .saturating_duration_since(Instant::now())
+                    .as_secs(),
+            }),
         }))
     }
 
@@ -416,16 +683,27 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
         cgroup_root,
         loader,
         xdp: None,
+        pending: None,
+        repairs: 0,
+        last_repair: String::new(),
+        reported: Vec::new(),
+        rewatch: false,
     };
     let flags = state.flags();
-    let generation = state.loader.apply(&state.compiled, flags)?;
+    // The same policy as the active slot holds (a restart): keep its generation.
+    let (generation, kept) = state.loader.apply_or_keep(&state.compiled, flags)?;
     let started = state.loader.attach_or_adopt()?;
     let adopted = started
         .iter()
         .filter(|(_, s)| *s == HookStart::Replaced)
         .count();
     let summary = format!(
-        "generation {generation}: {} rules, {} identities",
+        "generation {generation}{}: {} rules, {} identities",
+        if kept {
+            " (kept: the pinned maps hold this policy)"
+        } else {
+            ""
+        },
         state.compiled.rules.len(),
         state.compiled.identities.len()
     );
@@ -482,6 +760,13 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
     let mut term = signal(SignalKind::terminate()).map_err(sig_err)?;
     let mut int = signal(SignalKind::interrupt()).map_err(sig_err)?;
     let mut hup = signal(SignalKind::hangup()).map_err(sig_err)?;
+    let (changed_tx, mut changed_rx) = mpsc::unbounded_channel::<()>();
+    let mut watcher = opts
+        .watch
+        .then(|| watch_policy(opts.policy.clone(), changed_tx.clone()));
+    let mut housekeeping = tokio::time::interval(Duration::from_millis(200));
+    housekeeping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_check = Instant::now();
 
     if let Some(map) = events_map {
         match RingBuf::try_from(map) {
@@ -507,6 +792,27 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
             _ = hup.recv() => {
                 if let Ok(mut s) = state.lock() {
                     s.reload();
+                }
+            }
+            Some(()) = changed_rx.recv() => {
+                if let Ok(mut s) = state.lock() {
+                    say!("ztd: the policy files changed; reloading");
+                    s.reload();
+                }
+            }
+            _ = housekeeping.tick() => {
+                if let Ok(mut s) = state.lock() {
+                    s.rollback_if_due();
+                    if !opts.check_interval.is_zero() && last_check.elapsed() >= opts.check_interval {
+                        last_check = Instant::now();
+                        s.check_and_repair();
+                    }
+                    if std::mem::take(&mut s.rewatch) && opts.watch {
+                        if let Some(stop) = watcher.take() {
+                            stop.store(true, Ordering::Relaxed);
+                        }
+                        watcher = Some(watch_policy(s.opts.policy.clone(), changed_tx.clone()));
+                    }
                 }
             }
             _ = term.recv() => break,
@@ -595,6 +901,11 @@ async fn serve(
                         diagnostics: Vec::new(),
                     },
                     Request::Reload => s.reload(),
+                    Request::Apply {
+                        path,
+                        confirm_within_ms,
+                    } => s.apply_pending(path, Duration::from_millis(confirm_within_ms)),
+                    Request::Confirm => s.confirm(),
                     Request::Unload => {
                         let layout = Layout {
                             bpffs: s.opts.bpffs.clone(),
@@ -812,4 +1123,89 @@ async fn read_events(
         }
         guard.clear_ready();
     }
+}
+
+/// Watch the policy paths with inotify: a directory for its `*.toml` files, a file through
+/// its parent directory (so that editors' write-then-rename is seen). After a change and
+/// [`WATCH_DEBOUNCE`] of quiet, send one message on `changed`. Runs on its own thread until
+/// the returned flag is set (or the daemon exits).
+fn watch_policy(paths: Vec<PathBuf>, changed: mpsc::UnboundedSender<()>) -> Arc<AtomicBool> {
+    use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
+    use std::os::fd::{AsFd, AsRawFd};
+    let stop = Arc::new(AtomicBool::new(false));
+    let stopped = Arc::clone(&stop);
+    let inotify = match Inotify::init(InitFlags::IN_CLOEXEC | InitFlags::IN_NONBLOCK) {
+        Ok(i) => i,
+        Err(e) => {
+            warn!("ztd: cannot watch the policy files (inotify: {e}); reload with SIGHUP or `ztctl reload`");
+            return stop;
+        }
+    };
+    let mask = AddWatchFlags::IN_CLOSE_WRITE
+        | AddWatchFlags::IN_MODIFY
+        | AddWatchFlags::IN_CREATE
+        | AddWatchFlags::IN_DELETE
+        | AddWatchFlags::IN_MOVED_TO
+        | AddWatchFlags::IN_MOVED_FROM;
+    // Per watch: `None` = every `*.toml` of the directory, `Some(name)` = that file only.
+    let mut watches = Vec::new();
+    for path in &paths {
+        let (dir, only) = if path.is_dir() {
+            (path.clone(), None)
+        } else {
+            let dir = path
+                .parent()
+                .filter(|d| !d.as_os_str().is_empty())
+                .unwrap_or(Path::new("."))
+                .to_path_buf();
+            (dir, path.file_name().map(|n| n.to_os_string()))
+        };
+        match inotify.add_watch(&dir, mask) {
+            Ok(wd) => watches.push((wd, only)),
+            Err(e) => warn!(
+                "ztd: cannot watch {} for policy changes: {e}",
+                dir.display()
+            ),
+        }
+    }
+    std::thread::spawn(move || {
+        let mut due: Option<Instant> = None;
+        while !stopped.load(Ordering::Relaxed) {
+            let wait = due
+                .map(|d| d.saturating_duration_since(Instant::now()))
+                .unwrap_or(Duration::from_millis(500))
+                .min(Duration::from_millis(500));
+            let mut pfd = libc::pollfd {
+                fd: inotify.as_fd().as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd, for the duration of the call.
+            let ready = unsafe { libc::poll(&mut pfd, 1, wait.as_millis() as libc::c_int) };
+            if ready > 0 {
+                let events = inotify.read_events().unwrap_or_default();
+                let relevant = events.iter().any(|ev| {
+                    watches.iter().any(|(wd, only)| {
+                        *wd == ev.wd
+                            && ev.name.as_ref().is_some_and(|name| match only {
+                                Some(file) => name == file,
+                                None => {
+                                    Path::new(name).extension().is_some_and(|ext| ext == "toml")
+                                }
+                            })
+                    })
+                });
+                if relevant {
+                    due = Some(Instant::now() + WATCH_DEBOUNCE);
+                }
+            }
+            if due.is_some_and(|d| Instant::now() >= d) {
+                due = None;
+                if stopped.load(Ordering::Relaxed) || changed.send(()).is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    stop
 }

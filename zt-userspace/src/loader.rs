@@ -31,8 +31,8 @@ use aya::{
     Ebpf, EbpfLoader, Pod,
 };
 use zt_common::{
-    ActiveSlot, DecisionKey, DecisionValue, ExeKey, Hook, KernelOffsets, RuleOfKey, SlotConfig,
-    Stat, Verdict, HOOK_CODES, MAX_RULES, PORTS_PER_PROTO, PORT_PROTOS, STAT_COUNT, VERDICT_CODES,
+    ActiveSlot, Hook, KernelOffsets, SlotConfig, Stat, Verdict, HOOK_CODES, MAX_RULES,
+    PORTS_PER_PROTO, PORT_PROTOS, STAT_COUNT, VERDICT_CODES,
 };
 
 use crate::{policy::Compiled, sys};
@@ -135,6 +135,50 @@ pub struct Loader {
     ebpf: Ebpf,
     layout: Layout,
     cgroup: PathBuf,
+    /// The maps the object pins under `maps/` (checked and re-pinned by [`Loader::repair`]).
+    pinned_maps: Vec<String>,
+    /// What this process last wrote into each slot: the next write into that slot is a diff
+    /// against it, with no reads from the kernel. (Unknown after a start: read once.)
+    written: [Option<Box<Compiled>>; 2],
+}
+
+/// Something wrong with the pinned state in the kernel, found by [`Loader::problems`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Problem {
+    /// The hook's link pin is gone (removing the last reference detaches the link).
+    LinkMissing(Hook),
+    /// The pinned link is no longer attached to the guarded cgroup (`BPF_LINK_DETACH`).
+    LinkDetached(Hook),
+    /// The pinned link runs a program that is not ours (id shown).
+    ForeignProgram(Hook, u32),
+    /// A map's pin is gone.
+    MapPinMissing(String),
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Problem::LinkMissing(h) => {
+                write!(
+                    f,
+                    "hook {}: pinned link links/{} is missing",
+                    h.name(),
+                    h.name()
+                )
+            }
+            Problem::LinkDetached(h) => write!(
+                f,
+                "hook {}: pinned link is not attached to the guarded cgroup",
+                h.name()
+            ),
+            Problem::ForeignProgram(h, id) => write!(
+                f,
+                "hook {}: the pinned link runs program {id}, not zt's",
+                h.name()
+            ),
+            Problem::MapPinMissing(m) => write!(f, "map {m}: pin maps/{m} is missing"),
+        }
+    }
 }
 
 /// Health of one hook as the kernel reports it.
@@ -166,10 +210,17 @@ impl Loader {
                 source,
             })?;
         }
+        let pinned_maps = ebpf
+            .maps()
+            .map(|(name, _)| name.to_string())
+            .filter(|name| maps_dir.join(name).exists())
+            .collect();
         Ok(Loader {
             ebpf,
             layout: layout.clone(),
             cgroup: cgroup.to_path_buf(),
+            pinned_maps,
+            written: [None, None],
         })
     }
 
@@ -227,6 +278,22 @@ impl Loader {
         Ok((slot, cfg))
     }
 
+    /// Like [`Loader::apply`], unless the active slot already holds this very policy (same
+    /// [`policy_hash`]): then nothing is written and the generation stays. Returns the
+    /// generation in force and whether it was kept.
+    pub fn apply_or_keep(
+        &mut self,
+        compiled: &Compiled,
+        flags: u32,
+    ) -> Result<(u64, bool), LoaderError> {
+        let (_, active) = self.active()?;
+        let hash = policy_hash(compiled, flags, crate::xdp::ephemeral_range());
+        if active.generation != 0 && active.policy_hash == hash {
+            return Ok((active.generation, true));
+        }
+        self.apply(compiled, flags).map(|g| (g, false))
+    }
+
     /// Write `compiled` into the idle slot as the next generation and flip to it.
     /// Returns the new generation.
     pub fn apply(&mut self, compiled: &Compiled, flags: u32) -> Result<u64, LoaderError> {
@@ -239,22 +306,64 @@ impl Loader {
         };
         let generation = active_cfg.generation + 1;
 
-        sync_hash::<ExeKey, u64>(&mut self.ebpf, &format!("EXE_{slot}"), &compiled.exes)?;
-        sync_hash::<u32, u64>(&mut self.ebpf, &format!("UID_{slot}"), &compiled.uids)?;
-        sync_hash::<u32, u64>(&mut self.ebpf, &format!("GID_{slot}"), &compiled.gids)?;
-        sync_hash::<u64, u64>(&mut self.ebpf, &format!("CGROUP_{slot}"), &compiled.cgroups)?;
-        sync_lpm::<4>(&mut self.ebpf, &format!("NET4_{slot}"), &compiled.net4)?;
-        sync_lpm::<16>(&mut self.ebpf, &format!("NET6_{slot}"), &compiled.net6)?;
-        sync_ports(&mut self.ebpf, &format!("PORTS_{slot}"), &compiled.ports)?;
-        sync_hash::<DecisionKey, DecisionValue>(
-            &mut self.ebpf,
+        // Forget what the slot held before writing: a failed write leaves it unknown (read
+        // again next time), never wrongly known.
+        let known = self.written[slot as usize & 1].take();
+        let known = known.as_deref();
+        let ebpf = &mut self.ebpf;
+        sync_hash(
+            ebpf,
+            &format!("EXE_{slot}"),
+            &compiled.exes,
+            known.map(|k| &k.exes[..]),
+        )?;
+        sync_hash(
+            ebpf,
+            &format!("UID_{slot}"),
+            &compiled.uids,
+            known.map(|k| &k.uids[..]),
+        )?;
+        sync_hash(
+            ebpf,
+            &format!("GID_{slot}"),
+            &compiled.gids,
+            known.map(|k| &k.gids[..]),
+        )?;
+        sync_hash(
+            ebpf,
+            &format!("CGROUP_{slot}"),
+            &compiled.cgroups,
+            known.map(|k| &k.cgroups[..]),
+        )?;
+        sync_lpm::<4>(
+            ebpf,
+            &format!("NET4_{slot}"),
+            &compiled.net4,
+            known.map(|k| &k.net4[..]),
+        )?;
+        sync_lpm::<16>(
+            ebpf,
+            &format!("NET6_{slot}"),
+            &compiled.net6,
+            known.map(|k| &k.net6[..]),
+        )?;
+        sync_ports(
+            ebpf,
+            &format!("PORTS_{slot}"),
+            &compiled.ports,
+            known.map(|k| &k.ports[..]),
+        )?;
+        sync_hash(
+            ebpf,
             &format!("DECISION_{slot}"),
             &compiled.decisions,
+            known.map(|k| &k.decisions[..]),
         )?;
-        sync_hash::<RuleOfKey, u32>(
-            &mut self.ebpf,
+        sync_hash(
+            ebpf,
             &format!("RULE_OF_{slot}"),
             &compiled.rule_of,
+            known.map(|k| &k.rule_of[..]),
         )?;
 
         // The XDP front door passes TCP/UDP to these ports (replies to our own egress).
@@ -264,6 +373,7 @@ impl Loader {
             flags,
             ephemeral_low,
             ephemeral_high,
+            policy_hash: policy_hash(compiled, flags, (ephemeral_low, ephemeral_high)),
             ..compiled.config
         };
         let mut configs: Array<&mut MapData, SlotConfig> = map_mut(&mut self.ebpf, "SLOT_CONFIG")?;
@@ -286,6 +396,7 @@ impl Loader {
         active
             .set(0, ActiveSlot { slot, _pad: 0 }, 0)
             .map_err(map_err("ACTIVE"))?;
+        self.written[slot as usize & 1] = Some(Box::new(compiled.clone()));
         Ok(generation)
     }
 
@@ -354,6 +465,114 @@ impl Loader {
         health(&self.layout, &self.cgroup)
     }
 
+    /// What is wrong with the pinned state now: each hook's pinned link present, attached to
+    /// the guarded cgroup (`BPF_PROG_QUERY`) and running our program; each map pin present.
+    pub fn problems(&self) -> Vec<Problem> {
+        let cgroup_fd = sys::open_dir(&self.cgroup).ok();
+        let mut out = Vec::new();
+        for hook in CGROUP_HOOKS {
+            let path = self.layout.link_path(hook);
+            let Ok(id) = link_program_id(&path) else {
+                out.push(Problem::LinkMissing(hook));
+                continue;
+            };
+            let attached = cgroup_fd
+                .as_ref()
+                .and_then(|fd| sys::prog_query(fd.as_fd(), attach_type(hook)).ok())
+                .is_some_and(|ids| ids.contains(&id));
+            if !attached {
+                out.push(Problem::LinkDetached(hook));
+                continue;
+            }
+            let ours = self
+                .ebpf
+                .program(hook.name())
+                .and_then(|p| p.info().ok())
+                .map(|i| i.id());
+            if ours.is_some_and(|ours| ours != id) {
+                out.push(Problem::ForeignProgram(hook, id));
+            }
+        }
+        for name in &self.pinned_maps {
+            let present =
+                self.ebpf.map(name).is_none() || self.layout.maps_dir().join(name).exists();
+            if !present {
+                out.push(Problem::MapPinMissing(name.clone()));
+            }
+        }
+        out
+    }
+
+    /// Repair one problem with the current programs and maps: a missing or detached link is
+    /// replaced by a new one (pinned), a foreign program is replaced in place, a map is
+    /// re-pinned. Returns what was done.
+    pub fn repair(&mut self, problem: &Problem) -> Result<String, LoaderError> {
+        match problem {
+            Problem::LinkMissing(hook) | Problem::LinkDetached(hook) => {
+                let hook = *hook;
+                let path = self.layout.link_path(hook);
+                let links_dir = self.layout.links_dir();
+                std::fs::create_dir_all(&links_dir).map_err(io_err(&links_dir))?;
+                if path.exists() {
+                    std::fs::remove_file(&path).map_err(io_err(&path))?;
+                }
+                let cgroup_fd = sys::open_dir(&self.cgroup).map_err(io_err(&self.cgroup))?;
+                let fd_link =
+                    attach_program(&mut self.ebpf, hook, &cgroup_fd).map_err(|source| {
+                        LoaderError::Program {
+                            hook: hook.name(),
+                            source,
+                        }
+                    })?;
+                fd_link.pin(&path).map_err(|e| LoaderError::Link {
+                    path: path.clone(),
+                    source: std::io::Error::other(e.to_string()),
+                })?;
+                Ok(format!(
+                    "hook {}: re-attached to {} (new link pinned)",
+                    hook.name(),
+                    self.cgroup.display()
+                ))
+            }
+            Problem::ForeignProgram(hook, _) => {
+                let path = self.layout.link_path(*hook);
+                let link_fd = sys::obj_get(&path).map_err(|source| LoaderError::Link {
+                    path: path.clone(),
+                    source,
+                })?;
+                let prog_err = |source| LoaderError::Program {
+                    hook: hook.name(),
+                    source,
+                };
+                let prog = self
+                    .ebpf
+                    .program(hook.name())
+                    .ok_or(prog_err(ProgramError::NotLoaded))?;
+                let prog_fd = prog.fd().map_err(prog_err)?;
+                sys::link_update(link_fd.as_fd(), prog_fd.as_fd())
+                    .map_err(|source| LoaderError::Link { path, source })?;
+                Ok(format!(
+                    "hook {}: zt's program restored in place",
+                    hook.name()
+                ))
+            }
+            Problem::MapPinMissing(name) => {
+                let maps_dir = self.layout.maps_dir();
+                std::fs::create_dir_all(&maps_dir).map_err(io_err(&maps_dir))?;
+                let path = maps_dir.join(name);
+                let m = self.ebpf.map(name).ok_or_else(|| LoaderError::Map {
+                    map: name.clone(),
+                    source: MapError::InvalidName { name: name.clone() },
+                })?;
+                m.pin(&path).map_err(|e| LoaderError::Io {
+                    path: path.clone(),
+                    source: std::io::Error::other(e.to_string()),
+                })?;
+                Ok(format!("map {name}: re-pinned"))
+            }
+        }
+    }
+
     /// Take the event ring buffer (once).
     pub fn take_events(&mut self) -> Option<aya::maps::Map> {
         self.ebpf.take_map("EVENTS")
@@ -362,6 +581,59 @@ impl Loader {
     pub fn cgroup(&self) -> &Path {
         &self.cgroup
     }
+}
+
+/// FNV-1a, 64 bits: a stable hash (the same across builds and runs) for [`policy_hash`].
+struct Fnv(u64);
+
+impl Fnv {
+    fn new() -> Fnv {
+        Fnv(0xcbf2_9ce4_8422_2325)
+    }
+    fn bytes(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 ^= u64::from(*b);
+            self.0 = self.0.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+}
+
+impl std::fmt::Write for Fnv {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        self.bytes(s.as_bytes());
+        Ok(())
+    }
+}
+
+/// 64-bit hash of everything a policy writes into a slot (maps, masks, `flags`, the ephemeral
+/// range), stored in [`SlotConfig::policy_hash`]: equal hashes mean the same kernel policy.
+pub fn policy_hash(compiled: &Compiled, flags: u32, ephemeral: (u16, u16)) -> u64 {
+    use std::fmt::Write as _;
+    let mut h = Fnv::new();
+    let cfg = SlotConfig {
+        generation: 0,
+        policy_hash: 0,
+        flags,
+        ephemeral_low: ephemeral.0,
+        ephemeral_high: ephemeral.1,
+        ..compiled.config
+    };
+    let _ = write!(
+        h,
+        "{cfg:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|",
+        compiled.exes,
+        compiled.uids,
+        compiled.gids,
+        compiled.cgroups,
+        compiled.net4,
+        compiled.net6,
+        compiled.decisions,
+        compiled.rule_of
+    );
+    for p in &compiled.ports {
+        h.bytes(&p.to_le_bytes());
+    }
+    h.0
 }
 
 /// Health of the pinned state in `layout` for `cgroup`, without a loaded object (used by
@@ -529,17 +801,29 @@ where
 }
 
 /// Make the hash map hold exactly `want`: delete stale keys, write changed values.
-fn sync_hash<K, V>(ebpf: &mut Ebpf, name: &str, want: &[(K, V)]) -> Result<(), LoaderError>
+/// Make the hash map hold exactly `want`. `known`: what it holds, if this process wrote it
+/// (no reads then); otherwise it is read.
+fn sync_hash<K, V>(
+    ebpf: &mut Ebpf,
+    name: &str,
+    want: &[(K, V)],
+    known: Option<&[(K, V)]>,
+) -> Result<(), LoaderError>
 where
     K: Pod + Eq + Hash,
     V: Pod + PartialEq,
 {
     let mut m: HashMap<&mut MapData, K, V> = map_mut(ebpf, name)?;
     let mut have: StdHashMap<K, V> = StdHashMap::new();
-    let keys: Vec<K> = m.keys().collect::<Result<_, _>>().map_err(map_err(name))?;
-    for k in keys {
-        if let Ok(v) = m.get(&k, 0) {
-            have.insert(k, v);
+    match known {
+        Some(known) => have.extend(known.iter().copied()),
+        None => {
+            let keys: Vec<K> = m.keys().collect::<Result<_, _>>().map_err(map_err(name))?;
+            for k in keys {
+                if let Ok(v) = m.get(&k, 0) {
+                    have.insert(k, v);
+                }
+            }
         }
     }
     let want_keys: std::collections::HashSet<&K> = want.iter().map(|(k, _)| k).collect();
@@ -560,16 +844,23 @@ fn sync_lpm<const N: usize>(
     ebpf: &mut Ebpf,
     name: &str,
     want: &[(u32, [u8; N], u32)],
+    known: Option<&[(u32, [u8; N], u32)]>,
 ) -> Result<(), LoaderError>
 where
     [u8; N]: Pod,
 {
     let mut m: LpmTrie<&mut MapData, [u8; N], u32> = map_mut(ebpf, name)?;
-    let keys: Vec<Key<[u8; N]>> = m.keys().collect::<Result<_, _>>().map_err(map_err(name))?;
     let mut have: StdHashMap<(u32, [u8; N]), u32> = StdHashMap::new();
-    for k in keys {
-        if let Ok(v) = m.get(&k, 0) {
-            have.insert((k.prefix_len(), k.data()), v);
+    match known {
+        Some(known) => have.extend(known.iter().map(|(len, addr, c)| ((*len, *addr), *c))),
+        None => {
+            let keys: Vec<Key<[u8; N]>> =
+                m.keys().collect::<Result<_, _>>().map_err(map_err(name))?;
+            for k in keys {
+                if let Ok(v) = m.get(&k, 0) {
+                    have.insert((k.prefix_len(), k.data()), v);
+                }
+            }
         }
     }
     let want_map: StdHashMap<(u32, [u8; N]), u32> = want
@@ -590,13 +881,59 @@ where
     Ok(())
 }
 
-fn sync_ports(ebpf: &mut Ebpf, name: &str, want: &[u32]) -> Result<(), LoaderError> {
+fn sync_ports(
+    ebpf: &mut Ebpf,
+    name: &str,
+    want: &[u32],
+    known: Option<&[u32]>,
+) -> Result<(), LoaderError> {
     let mut m: Array<&mut MapData, u32> = map_mut(ebpf, name)?;
     for index in 0..PORT_PROTOS * PORTS_PER_PROTO {
         let value = want.get(index as usize).copied().unwrap_or(0);
-        if m.get(&index, 0).map_err(map_err(name))? != value {
+        let current = match known {
+            Some(known) => known.get(index as usize).copied().unwrap_or(0),
+            None => m.get(&index, 0).map_err(map_err(name))?,
+        };
+        if current != value {
             m.set(index, value, 0).map_err(map_err(name))?;
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn policy_hash_is_stable_and_covers_flags_maps_and_ports() {
+        let mut c = Compiled {
+            config: SlotConfig::default(),
+            exes: vec![],
+            uids: vec![(1000, 2)],
+            gids: vec![],
+            cgroups: vec![],
+            net4: vec![(8, [10, 0, 0, 0], 1)],
+            net6: vec![],
+            ports: vec![0; 16],
+            decisions: vec![],
+            rule_of: vec![],
+            rules: vec![],
+            identities: vec![],
+            exe_paths: vec![],
+        };
+        let h = policy_hash(&c, 0, (32768, 60999));
+        assert_eq!(h, policy_hash(&c.clone(), 0, (32768, 60999)));
+        assert_ne!(h, policy_hash(&c, 1, (32768, 60999)), "flags");
+        assert_ne!(h, policy_hash(&c, 0, (1024, 60999)), "ephemeral range");
+        // Generation and the stored hash itself are not part of it.
+        c.config.generation = 7;
+        c.config.policy_hash = 99;
+        assert_eq!(h, policy_hash(&c, 0, (32768, 60999)));
+        c.ports[3] = 1;
+        assert_ne!(h, policy_hash(&c, 0, (32768, 60999)), "ports");
+        c.ports[3] = 0;
+        c.uids[0].1 = 4;
+        assert_ne!(h, policy_hash(&c, 0, (32768, 60999)), "maps");
+    }
 }

@@ -129,6 +129,19 @@ enum Cmd {
         #[arg(long)]
         cgroup: Option<PathBuf>,
     },
+    /// Join the cgroup and take the uid/gid once, then for every stdin line
+    /// `PROTO ADDR:PORT [mapped] [send]` (tcp or udp) make one call on a fresh socket and print
+    /// one outcome per line: `ok` (the call proceeded: connected, in progress, refused),
+    /// `eperm`, or `error:<reason>`. `mapped`: from an AF_INET6 socket to `::ffff:a.b.c.d`;
+    /// `send` (udp): `sendto()` without `connect()`. Nothing waits for a peer.
+    Batch {
+        #[arg(long)]
+        cgroup: Option<PathBuf>,
+        #[arg(long)]
+        uid: Option<u32>,
+        #[arg(long)]
+        gid: Option<u32>,
+    },
     /// Make COUNT `connect()` attempts to ADDR's address, cycling the destination port over
     /// PORT_SPREAD values from ADDR's port up (UDP: one socket, no packet sent; TCP: a
     /// non-blocking socket per attempt), and print `eperm=X ok=Y other=Z`.
@@ -148,6 +161,32 @@ enum Cmd {
         /// Stay alive this long (ms) after printing the counts.
         #[arg(long, default_value_t = 0)]
         linger_ms: u64,
+    },
+    /// Loop UDP `connect()`s (one socket, no packet sent) over every address of ADDR_LIST
+    /// until DURATION_MS has passed or stdin is closed (or gets a line), counting each
+    /// address's outcomes; print `ready` when started, then one JSON summary:
+    /// `{"rounds":N,"ports":[{"addr":"...","ok":X,"eperm":Y,"other":Z}, ...]}`.
+    Load {
+        #[arg(long, value_delimiter = ',')]
+        addr_list: Vec<SocketAddr>,
+        #[arg(long)]
+        duration_ms: u64,
+        /// Sleep this long (µs) after each round, leaving CPU to the daemon under test.
+        #[arg(long, default_value_t = 0)]
+        pause_us: u64,
+        #[arg(long)]
+        cgroup: Option<PathBuf>,
+    },
+    /// Open a TCP connection to ADDR now, print `ready`, then for every line on stdin write
+    /// 4 bytes and wait up to TIMEOUT_MS for their echo: prints `ok`, `eperm`, `timeout`,
+    /// ... (after a failure the connection is not reused: every later line prints `broken`).
+    HoldTcp {
+        #[arg(long)]
+        addr: SocketAddr,
+        #[arg(long)]
+        cgroup: Option<PathBuf>,
+        #[arg(long, default_value_t = 500)]
+        timeout_ms: u64,
     },
 }
 
@@ -296,6 +335,13 @@ fn main() {
             }
             serve(&bind, &ports);
         }
+        Cmd::Batch { cgroup, uid, gid } => {
+            if let Err(e) = enter(cgroup, None, gid, uid, None) {
+                println!("error:setup:{e}");
+                return;
+            }
+            batch();
+        }
         Cmd::Flood {
             proto,
             addr,
@@ -313,6 +359,33 @@ fn main() {
             println!("eperm={eperm} ok={ok} other={other}");
             let _ = std::io::stdout().flush();
             std::thread::sleep(Duration::from_millis(linger_ms));
+        }
+        Cmd::Load {
+            addr_list,
+            duration_ms,
+            pause_us,
+            cgroup,
+        } => {
+            if let Err(e) = enter(cgroup, None, None, None, None) {
+                println!("error:setup:{e}");
+                return;
+            }
+            load(
+                &addr_list,
+                Duration::from_millis(duration_ms),
+                Duration::from_micros(pause_us),
+            );
+        }
+        Cmd::HoldTcp {
+            addr,
+            cgroup,
+            timeout_ms,
+        } => {
+            if let Err(e) = enter(cgroup, None, None, None, None) {
+                println!("error:setup:{e}");
+                return;
+            }
+            hold_tcp(addr, Duration::from_millis(timeout_ms.max(1)));
         }
     }
 }
@@ -801,5 +874,170 @@ fn pass_fd(addr: SocketAddr, to_uid: u32) -> String {
             let _ = reader.read_to_string(&mut answer);
             answer
         }
+    }
+}
+
+/// See `Cmd::Load`.
+fn load(addrs: &[SocketAddr], duration: Duration, pause: Duration) {
+    use std::os::fd::AsRawFd;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    {
+        let stop = std::sync::Arc::clone(&stop);
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = std::io::stdin().read_line(&mut line);
+            stop.store(true, Ordering::Relaxed);
+        });
+    }
+    let mut v4 = None;
+    let mut v6 = None;
+    // (ok, eperm, other) per address.
+    let mut counts = vec![(0u64, 0u64, 0u64); addrs.len()];
+    let mut rounds = 0u64;
+    println!("ready");
+    let _ = std::io::stdout().flush();
+    let end = std::time::Instant::now() + duration;
+    while !stop.load(Ordering::Relaxed) && std::time::Instant::now() < end {
+        for (addr, c) in addrs.iter().zip(counts.iter_mut()) {
+            let slot = if addr.is_ipv4() { &mut v4 } else { &mut v6 };
+            if slot.is_none() {
+                let domain = if addr.is_ipv4() {
+                    libc::AF_INET
+                } else {
+                    libc::AF_INET6
+                };
+                *slot = socket(domain, libc::SOCK_DGRAM).ok();
+            }
+            let Some(fd) = slot.as_ref() else {
+                c.2 += 1;
+                continue;
+            };
+            let to = nix::sys::socket::SockaddrStorage::from(*addr);
+            match nix::sys::socket::connect(fd.as_raw_fd(), &to) {
+                Ok(()) => c.0 += 1,
+                Err(nix::errno::Errno::EPERM) => c.1 += 1,
+                Err(_) => c.2 += 1,
+            }
+        }
+        rounds += 1;
+        if !pause.is_zero() {
+            std::thread::sleep(pause);
+        }
+    }
+    let ports: Vec<serde_json::Value> = addrs
+        .iter()
+        .zip(&counts)
+        .map(|(a, (ok, eperm, other))| {
+            serde_json::json!({"addr": a.to_string(), "ok": ok, "eperm": eperm, "other": other})
+        })
+        .collect();
+    println!("{}", serde_json::json!({"rounds": rounds, "ports": ports}));
+    let _ = std::io::stdout().flush();
+}
+
+/// See `Cmd::HoldTcp`.
+fn hold_tcp(addr: SocketAddr, timeout: Duration) {
+    let mut sock = match TcpStream::connect_timeout(&addr, TIMEOUT) {
+        Ok(s) => s,
+        Err(e) => {
+            println!("{}", outcome(Err(e)));
+            return;
+        }
+    };
+    let _ = sock.set_read_timeout(Some(timeout));
+    let _ = sock.set_nodelay(true);
+    println!("ready");
+    let _ = std::io::stdout().flush();
+    let mut broken = false;
+    let mut line = String::new();
+    while std::io::stdin()
+        .read_line(&mut line)
+        .map(|n| n > 0)
+        .unwrap_or(false)
+    {
+        line.clear();
+        let answer = if broken {
+            "broken".to_string()
+        } else {
+            let r = sock.write_all(b"ping").and_then(|()| {
+                let mut buf = [0u8; 4];
+                sock.read_exact(&mut buf)?;
+                expect_echo(&buf)
+            });
+            broken = r.is_err();
+            outcome(r)
+        };
+        println!("{answer}");
+        let _ = std::io::stdout().flush();
+    }
+}
+
+/// See `Cmd::Batch`.
+fn batch() {
+    let stdin = std::io::stdin();
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let mut line = String::new();
+    while stdin.read_line(&mut line).map(|n| n > 0).unwrap_or(false) {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        if !words.is_empty() {
+            let _ = writeln!(out, "{}", batch_case(&words));
+        }
+        line.clear();
+    }
+    let _ = out.flush();
+}
+
+fn batch_case(words: &[&str]) -> String {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    let (Some(proto), Some(addr)) = (words.first(), words.get(1)) else {
+        return "error:bad line".to_string();
+    };
+    let Ok(addr) = addr.parse::<SocketAddr>() else {
+        return format!("error:bad address {addr}");
+    };
+    let mapped = words.contains(&"mapped");
+    let send = words.contains(&"send");
+    let addr = match (mapped, addr) {
+        (true, SocketAddr::V4(v4)) => SocketAddr::new(v4.ip().to_ipv6_mapped().into(), v4.port()),
+        (_, a) => a,
+    };
+    let ty = match *proto {
+        "tcp" => libc::SOCK_STREAM | libc::SOCK_NONBLOCK,
+        "udp" => libc::SOCK_DGRAM,
+        other => return format!("error:bad proto {other}"),
+    };
+    let domain = if addr.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
+    // Dual-stack (not v6-only) so that mapped addresses work.
+    // SAFETY: plain socket(2); the fd is owned right away.
+    let fd = unsafe { libc::socket(domain, ty | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return outcome(Err(std::io::Error::last_os_error()));
+    }
+    // SAFETY: fd is a new, valid descriptor.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let to = nix::sys::socket::SockaddrStorage::from(addr);
+    let r = if send {
+        nix::sys::socket::sendto(
+            fd.as_raw_fd(),
+            b"zt",
+            &to,
+            nix::sys::socket::MsgFlags::MSG_DONTWAIT,
+        )
+        .map(drop)
+    } else {
+        nix::sys::socket::connect(fd.as_raw_fd(), &to)
+    };
+    match r {
+        Ok(())
+        | Err(nix::errno::Errno::EINPROGRESS)
+        | Err(nix::errno::Errno::ECONNREFUSED)
+        | Err(nix::errno::Errno::EAGAIN) => "ok".to_string(),
+        Err(nix::errno::Errno::EPERM) => "eperm".to_string(),
+        Err(e) => format!("error:{e}"),
     }
 }

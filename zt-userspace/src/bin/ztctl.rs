@@ -38,6 +38,16 @@ enum Command {
     },
     /// Ask ztd to re-read its policy (applied only if valid in full).
     Reload,
+    /// Apply the policy at PATH (file or directory) now, and roll it back unless
+    /// `ztctl confirm` follows within DURATION (anti-lockout).
+    Apply {
+        path: PathBuf,
+        /// Roll back unless confirmed within this long (e.g. 60s, 5m).
+        #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = humantime::parse_duration)]
+        confirm_within: Duration,
+    },
+    /// Keep the policy of the pending `ztctl apply` (it becomes ztd's policy path).
+    Confirm,
     /// Decision events from ztd's history, oldest first; with --follow, then live.
     Events {
         /// Keep printing new events until interrupted.
@@ -71,6 +81,9 @@ enum Command {
         #[arg(long)]
         iterations: Option<u64>,
     },
+    /// Explain the verdict zt would give a connection, from the policy (offline): the
+    /// verdict, the rule that decides and every rule that matches (exit 0 whatever the verdict).
+    Explain(ExplainArgs),
     /// Detach and unpin everything zt pinned under DIR (works without a daemon).
     Unload {
         #[arg(long, default_value = "/sys/fs/bpf/zt")]
@@ -96,6 +109,11 @@ fn main() -> ExitCode {
         Command::Check { paths } => check(&paths),
         Command::Status { json } => status(&args.socket, json),
         Command::Reload => reload(&args.socket),
+        Command::Apply {
+            path,
+            confirm_within,
+        } => apply(&args.socket, &path, confirm_within),
+        Command::Confirm => confirm(&args.socket),
         Command::Events {
             follow,
             json,
@@ -125,6 +143,7 @@ fn main() -> ExitCode {
             iterations,
         } => top(&args.socket, interval.max(1), iterations),
         Command::Unload { bpffs } => unload(&args.socket, bpffs),
+        Command::Explain(a) => explain(&args.socket, &a),
     }
 }
 
@@ -223,6 +242,20 @@ fn print_status(st: &Status) {
     if !st.last_reload.ok {
         println!("last reload FAILED: {}", st.last_reload.message);
     }
+    for p in &st.problems {
+        println!("problem     {p}");
+    }
+    if st.repairs > 0 {
+        println!("repairs     {}  last: {}", st.repairs, st.last_repair);
+    }
+    if let Some(p) = &st.pending_apply {
+        println!(
+            "pending     apply of {} (generation {}): rolled back in {} s unless `ztctl confirm`",
+            p.path.display(),
+            p.generation,
+            p.remaining_secs
+        );
+    }
     if !st.top_denied.is_empty() {
         println!();
         println!(
@@ -283,6 +316,48 @@ fn print_xdp(xdp: &[zt::xdp::XdpStatus]) {
             c.events_skipped,
             c.events_lost
         );
+    }
+}
+
+fn apply(socket: &std::path::Path, path: &std::path::Path, within: Duration) -> ExitCode {
+    // ztd runs elsewhere: send an absolute path.
+    let path = match std::path::absolute(path) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("ztctl: {}: {e}", path.display());
+            return ExitCode::from(1);
+        }
+    };
+    let req = Request::Apply {
+        path,
+        confirm_within_ms: u64::try_from(within.as_millis()).unwrap_or(u64::MAX),
+    };
+    answer(ask(socket, &req), "applied")
+}
+
+fn confirm(socket: &std::path::Path) -> ExitCode {
+    answer(ask(socket, &Request::Confirm), "confirmed")
+}
+
+/// Print an `Ok`/`Error` answer: exit 0, or 1 with its diagnostics.
+fn answer(resp: Result<Response, ExitCode>, done: &str) -> ExitCode {
+    match resp {
+        Err(code) => code,
+        Ok(Response::Ok { message }) => {
+            println!("{done}: {message}");
+            ExitCode::SUCCESS
+        }
+        Ok(Response::Error {
+            message,
+            diagnostics,
+        }) => {
+            for d in &diagnostics {
+                eprintln!("{d}");
+            }
+            eprintln!("ztctl: {message}");
+            ExitCode::from(1)
+        }
+        Ok(other) => unexpected(other),
     }
 }
 
@@ -433,4 +508,121 @@ fn top(socket: &std::path::Path, interval: u64, iterations: Option<u64>) -> Exit
         }
         std::thread::sleep(Duration::from_secs(interval));
     }
+}
+
+#[derive(Debug, clap::Args)]
+struct ExplainArgs {
+    /// The executable making the connection (resolved to device and inode, as the policy's
+    /// `exe` is).
+    #[arg(long)]
+    exe: PathBuf,
+    /// Effective uid.
+    #[arg(long, default_value_t = 0)]
+    uid: u32,
+    /// Effective gid.
+    #[arg(long, default_value_t = 0)]
+    gid: u32,
+    /// The task's cgroup: relative to the cgroup2 root, or a path under its mount (default:
+    /// the root).
+    #[arg(long)]
+    cgroup: Option<String>,
+    /// The peer: IP:PORT ([IPv6]:PORT), or IP (port 0, for icmp). Egress: the destination;
+    /// ingress: the remote source, and PORT the local port.
+    #[arg(long)]
+    peer: String,
+    /// tcp, udp, icmp or other.
+    #[arg(long)]
+    proto: policy::eval::Proto,
+    #[arg(long, value_parser = ["egress", "ingress"], default_value = "egress")]
+    direction: String,
+    /// Policy file or directory (repeatable); default: the running ztd's.
+    #[arg(long)]
+    policy: Vec<PathBuf>,
+    /// Global mode (ztd's `--mode`); default: the running ztd's, else enforce.
+    #[arg(long, value_parser = ["enforce", "audit"])]
+    mode: Option<String>,
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+fn explain(socket: &std::path::Path, a: &ExplainArgs) -> ExitCode {
+    let usage = |msg: String| {
+        eprintln!("ztctl explain: {msg}");
+        ExitCode::from(2)
+    };
+    let (peer, port) = match a.peer.parse::<std::net::SocketAddr>() {
+        Ok(sa) => (sa.ip(), sa.port()),
+        Err(_) => match a.peer.parse::<std::net::IpAddr>() {
+            Ok(ip) => (ip, 0),
+            Err(_) => return usage(format!("bad --peer `{}`: expected IP:PORT", a.peer)),
+        },
+    };
+    let (paths, daemon_mode) = if a.policy.is_empty() {
+        match control::request(socket, &Request::Status, TIMEOUT) {
+            Ok(Response::Status(st)) => (st.policy.clone(), Some(st.mode.clone())),
+            Ok(other) => return usage(format!("unexpected answer from ztd: {other:?}")),
+            Err(e) => {
+                return usage(format!(
+                    "no --policy given and ztd is not reachable on {}: {e}",
+                    socket.display()
+                ))
+            }
+        }
+    } else {
+        (a.policy.clone(), None)
+    };
+    let global_audit = a.mode.as_deref().or(daemon_mode.as_deref()) == Some("audit");
+    let cgroup_root = sys::cgroup2_root().unwrap_or_else(|_| PathBuf::from("/sys/fs/cgroup"));
+    let resolver = SystemResolver {
+        cgroup_root: cgroup_root.clone(),
+    };
+    let exe = match policy::Resolve::exe(&resolver, &a.exe) {
+        Ok(k) => k,
+        Err(e) => return usage(format!("--exe {}: {e}", a.exe.display())),
+    };
+    let cgroup = match &a.cgroup {
+        None => String::new(),
+        Some(c) => {
+            let p = std::path::Path::new(c);
+            let rel = p.strip_prefix(&cgroup_root).unwrap_or(p);
+            rel.to_string_lossy().trim_matches('/').to_string()
+        }
+    };
+    let loaded = match policy::load(&paths, &resolver) {
+        Ok((p, _warnings)) => p,
+        Err(diags) => {
+            for d in &diags {
+                eprintln!("{d}");
+            }
+            return ExitCode::from(1);
+        }
+    };
+    let q = policy::eval::Query {
+        exe: Some(exe),
+        uid: a.uid,
+        gid: a.gid,
+        cgroup,
+        peer,
+        port,
+        proto: a.proto,
+        direction: if a.direction == "ingress" {
+            policy::Direction::Ingress
+        } else {
+            policy::Direction::Egress
+        },
+    };
+    let e = policy::explain(&loaded, &q, global_audit);
+    if a.json {
+        match serde_json::to_string(&e) {
+            Ok(text) => println!("{text}"),
+            Err(err) => {
+                eprintln!("ztctl: {err}");
+                return ExitCode::from(1);
+            }
+        }
+    } else {
+        print!("{e}");
+    }
+    ExitCode::SUCCESS
 }

@@ -58,6 +58,14 @@ struct Args {
     /// How ztd writes its lines: text, or one JSON object per line (journald, shippers).
     #[arg(long, value_name = "FORMAT", default_value = "text")]
     log_format: LogFormat,
+    /// How often the kernel state (links attached, pins present) is checked and, if
+    /// tampered with, repaired (e.g. 2s, 500ms; 0s: report problems in `status`, never
+    /// repair).
+    #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = humantime::parse_duration)]
+    check_interval: std::time::Duration,
+    /// Do not reload when the policy files change (SIGHUP and `ztctl reload` still do).
+    #[arg(long)]
+    no_watch: bool,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -111,6 +119,8 @@ async fn main() -> std::process::ExitCode {
         history: args.history,
         metrics: args.metrics,
         log_format: args.log_format,
+        check_interval: args.check_interval,
+        watch: !args.no_watch,
     };
     match daemon::run(opts).await {
         Ok(()) => std::process::ExitCode::SUCCESS,

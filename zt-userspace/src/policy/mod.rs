@@ -10,10 +10,13 @@
 
 mod compile;
 mod diag;
+pub mod eval;
 mod parse;
 mod resolve;
 mod validate;
 
+#[cfg(test)]
+mod fuzz;
 #[cfg(test)]
 mod tests;
 
@@ -24,6 +27,7 @@ use ipnet::IpNet;
 
 pub use compile::{compile, CompileError, Compiled, IdentityInfo, RuleInfo};
 pub use diag::{Diagnostic, Loc, Severity};
+pub use eval::{explain, Explanation, Query};
 pub use resolve::{kernel_dev, Resolve, SystemResolver};
 pub use zt_common::ExeKey;
 
