@@ -3,8 +3,10 @@
 //! Environment:
 //! - `ZT_NIGHTLY`: toolchain that setup checks for the eBPF build (default `nightly`);
 //! - `ZT_BPF_LINKER_ROOT`: install/use bpf-linker under this root instead of `~/.cargo`;
-//! - `ZT_TEST_THREADS`: `--test-threads` of `cargo xtask test` (default 2).
+//! - `ZT_TEST_THREADS`: `--test-threads` of `cargo xtask test` (default 2);
+//! - `ZT_BENCH_ROUNDS`: rounds per scenario of `cargo xtask bench` (default 7).
 
+mod bench;
 mod run;
 mod setup;
 mod tasks;
@@ -12,7 +14,7 @@ mod util;
 
 use std::{ffi::OsString, process::ExitCode};
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 /// zt developer tasks.
@@ -40,7 +42,8 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         ztd_args: Vec<OsString>,
     },
-    /// Benchmarks (not implemented yet).
+    /// setup, build, then the benchmarks (needs root; see BENCHMARKS.md); results in
+    /// target/bench/results.json.
     Bench,
 }
 
@@ -67,7 +70,7 @@ fn dispatch(cmd: Cmd) -> Result<u8> {
         }
         Cmd::Test => tasks::test(&ctx()?)?,
         Cmd::Run { ztd_args } => return run::run(&ctx()?, ztd_args),
-        Cmd::Bench => bail!("`cargo xtask bench` is not implemented yet (issue 7)"),
+        Cmd::Bench => bench::bench(&ctx()?)?,
     }
     Ok(0)
 }
