@@ -692,36 +692,34 @@ impl Drop for NetPair {
     }
 }
 
-/// A UDP socket connected by a process in the guarded cgroup (possibly before zt started);
-/// `send()` makes it send one datagram and returns the outcome. Killed on drop.
-pub struct Held {
+/// A probe that holds one connection open: it prints `ready` once connected, then sends
+/// once per line on its stdin and prints the outcome. Killed by pid on drop.
+struct HeldChild {
     child: Child,
     stdin: std::process::ChildStdin,
     stdout: BufReader<std::process::ChildStdout>,
 }
 
-impl Held {
-    pub fn connect(probe: &Path, cgroup: &Path, addr: SocketAddr) -> Held {
-        let mut child = Command::new(probe)
-            .args(["hold", "--addr", &addr.to_string(), "--cgroup"])
-            .arg(cgroup)
+impl HeldChild {
+    fn spawn(mut cmd: Command, what: &str) -> HeldChild {
+        let mut child = cmd
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
-            .expect("spawn hold");
+            .unwrap_or_else(|e| panic!("spawn {what}: {e}"));
         let stdin = child.stdin.take().expect("stdin");
         let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
         let mut line = String::new();
         let _ = stdout.read_line(&mut line);
-        assert_eq!(line.trim(), "ready", "hold did not connect");
-        Held {
+        assert_eq!(line.trim(), "ready", "{what} did not connect");
+        HeldChild {
             child,
             stdin,
             stdout,
         }
     }
 
-    pub fn send(&mut self) -> String {
+    fn send(&mut self) -> String {
         use std::io::Write;
         let _ = self.stdin.write_all(b"go\n");
         let _ = self.stdin.flush();
@@ -731,10 +729,27 @@ impl Held {
     }
 }
 
-impl Drop for Held {
+impl Drop for HeldChild {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// A UDP socket connected by a process in the guarded cgroup (possibly before zt started);
+/// `send()` makes it send one datagram and returns the outcome. Killed on drop.
+pub struct Held(HeldChild);
+
+impl Held {
+    pub fn connect(probe: &Path, cgroup: &Path, addr: SocketAddr) -> Held {
+        let mut cmd = Command::new(probe);
+        cmd.args(["hold", "--addr", &addr.to_string(), "--cgroup"])
+            .arg(cgroup);
+        Held(HeldChild::spawn(cmd, "hold"))
+    }
+
+    pub fn send(&mut self) -> String {
+        self.0.send()
     }
 }
 
@@ -1662,49 +1677,20 @@ impl Drop for Load {
 
 /// A TCP connection held by `zt-probe hold-tcp` in a cgroup; [`HeldTcp::send`] writes once
 /// and waits for the echo. Killed by pid on drop.
-pub struct HeldTcp {
-    child: Child,
-    stdin: std::process::ChildStdin,
-    stdout: BufReader<std::process::ChildStdout>,
-}
+pub struct HeldTcp(HeldChild);
 
 impl HeldTcp {
     pub fn connect(probe: &Path, cgroup: &Path, addr: SocketAddr, timeout: Duration) -> HeldTcp {
-        let mut child = Command::new(probe)
-            .args(["hold-tcp", "--addr", &addr.to_string(), "--timeout-ms"])
+        let mut cmd = Command::new(probe);
+        cmd.args(["hold-tcp", "--addr", &addr.to_string(), "--timeout-ms"])
             .arg(timeout.as_millis().to_string())
             .arg("--cgroup")
-            .arg(cgroup)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("spawn hold-tcp");
-        let stdin = child.stdin.take().expect("stdin");
-        let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
-        let mut line = String::new();
-        let _ = stdout.read_line(&mut line);
-        assert_eq!(line.trim(), "ready", "hold-tcp did not connect");
-        HeldTcp {
-            child,
-            stdin,
-            stdout,
-        }
+            .arg(cgroup);
+        HeldTcp(HeldChild::spawn(cmd, "hold-tcp"))
     }
 
     pub fn send(&mut self) -> String {
-        use std::io::Write;
-        let _ = self.stdin.write_all(b"go\n");
-        let _ = self.stdin.flush();
-        let mut line = String::new();
-        let _ = self.stdout.read_line(&mut line);
-        line.trim().to_string()
-    }
-}
-
-impl Drop for HeldTcp {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.0.send()
     }
 }
 
