@@ -236,6 +236,8 @@ pub struct Harness {
     pub socket: PathBuf,
     pub policy_dir: tempfile::TempDir,
     pub probe: PathBuf,
+    /// ztd's state (`--flows-dir` is `flows` in it); kept across ztd restarts.
+    pub state_dir: tempfile::TempDir,
 }
 
 impl Harness {
@@ -247,6 +249,7 @@ impl Harness {
             socket: std::env::temp_dir().join(format!("{name}.sock")),
             policy_dir: tempfile::tempdir().expect("tempdir"),
             probe: PathBuf::from(probe),
+            state_dir: tempfile::tempdir().expect("tempdir"),
             name,
         }
     }
@@ -268,8 +271,15 @@ impl Harness {
             .arg(&self.pins.path)
             .arg("--socket")
             .arg(&self.socket)
+            .arg("--flows-dir")
+            .arg(self.flows_dir())
             .args(extra);
         cmd
+    }
+
+    /// ztd's flow store.
+    pub fn flows_dir(&self) -> PathBuf {
+        self.state_dir.path().join("flows")
     }
 
     /// Start `ztd` and wait until it answers `status`.

@@ -68,6 +68,7 @@ use crate::{
     },
     enrich::Enricher,
     events,
+    flows::{self, FlowStore},
     history::{log_line, now_ns, EventFilter, EventRecord, FollowItem, History, LogFormat},
     loader::{self, HookStart, Layout, Loader, LoaderError},
     metrics::{self, MetricsSnapshot},
@@ -117,6 +118,8 @@ pub struct Options {
     pub check_interval: Duration,
     /// Reload when the policy files change (inotify; `--no-watch` turns it off).
     pub watch: bool,
+    /// The persistent flow store (`--flows-*`; `None`: `--no-flows`).
+    pub flows: Option<flows::StoreConfig>,
 }
 
 /// How long the policy files must be quiet after a change before ztd reloads.
@@ -733,6 +736,16 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
     let enricher = Enricher::new(state.cgroup_root.clone());
     let state = Arc::new(Mutex::new(state));
     let history = Arc::new(Mutex::new(History::new(opts.history.max(1), 4096)));
+    let flow_store = opts
+        .flows
+        .clone()
+        .and_then(|cfg| match FlowStore::open(cfg) {
+            Ok(store) => Some(Arc::new(Mutex::new(store))),
+            Err(e) => {
+                warn!("ztd: flows are not recorded: {e}");
+                None
+            }
+        });
 
     let (metrics_stop, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
     if let Some(addr) = opts.metrics {
@@ -773,7 +786,10 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
             Ok(ring) => {
                 let state = Arc::clone(&state);
                 let history = Arc::clone(&history);
-                tokio::spawn(async move { read_events(ring, state, history, enricher).await });
+                let flows = flow_store.clone();
+                tokio::spawn(
+                    async move { read_events(ring, state, history, enricher, flows).await },
+                );
             }
             Err(e) => warn!("ztd: events unavailable: {e}"),
         }
@@ -807,6 +823,9 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
                         last_check = Instant::now();
                         s.check_and_repair();
                     }
+                    if let Some(Err(e)) = flow_store.as_ref().and_then(|f| f.lock().ok()).map(|mut f| f.flush_if_due()) {
+                        warn!("ztd: {e}");
+                    }
                     if std::mem::take(&mut s.rewatch) && opts.watch {
                         if let Some(stop) = watcher.take() {
                             stop.store(true, Ordering::Relaxed);
@@ -818,6 +837,7 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
             _ = term.recv() => break,
             _ = int.recv() => break,
             _ = unload_rx.recv() => {
+                if let Some(f) = &flow_store { if let Ok(mut f) = f.lock() { let _ = f.flush(); } }
                 let _ = std::fs::remove_file(&opts.socket);
                 say!("ztd: unloaded; exiting");
                 return Ok(());
@@ -825,6 +845,13 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
         }
     }
     let _ = metrics_stop.send(());
+    if let Some(Err(e)) = flow_store
+        .as_ref()
+        .and_then(|f| f.lock().ok())
+        .map(|mut f| f.flush())
+    {
+        warn!("ztd: {e}");
+    }
     let _ = std::fs::remove_file(&opts.socket);
     say!(
         "ztd: stopping; enforcement stays in the kernel (pinned under {}). `ztctl unload --bpffs {}` removes it.",
@@ -1051,6 +1078,7 @@ async fn read_events(
     state: Arc<Mutex<State>>,
     history: Arc<Mutex<History>>,
     mut enricher: Enricher,
+    flows: Option<Arc<Mutex<FlowStore>>>,
 ) {
     let offset = events::monotonic_to_realtime_offset();
     let mut exe_cache = HashMap::new();
@@ -1115,6 +1143,11 @@ async fn read_events(
                         .map(|(k, v)| (k.as_str(), v.clone()))
                         .collect();
                     emit_line(false, "info", "decision", &fields);
+                }
+            }
+            if let Some(Ok(mut f)) = flows.as_ref().map(|f| f.lock()) {
+                if let Err(e) = f.record(&record) {
+                    warn!("ztd: {e}");
                 }
             }
             if let Ok(mut h) = history.lock() {

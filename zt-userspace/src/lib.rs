@@ -15,3 +15,7 @@ pub mod xdp;
 pub mod enrich;
 pub mod history;
 pub mod metrics;
+
+// Learning mode: the persistent flow store, `ztctl suggest` and `ztctl diff`.
+pub mod flows;
+pub mod learn;

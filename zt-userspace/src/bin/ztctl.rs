@@ -84,6 +84,12 @@ enum Command {
     /// Explain the verdict zt would give a connection, from the policy (offline): the
     /// verdict, the rule that decides and every rule that matches (exit 0 whatever the verdict).
     Explain(ExplainArgs),
+    /// Write a least-privilege policy that allows exactly the flows ztd recorded (learning
+    /// mode: run ztd in audit mode first).
+    Suggest(zt::learn::SuggestArgs),
+    /// Which recorded flows each of two policies allows that the other denies (exit 0 none,
+    /// 1 some, 2 trouble).
+    Diff(zt::learn::DiffArgs),
     /// Detach and unpin everything zt pinned under DIR (works without a daemon).
     Unload {
         #[arg(long, default_value = "/sys/fs/bpf/zt")]
@@ -144,6 +150,8 @@ fn main() -> ExitCode {
         } => top(&args.socket, interval.max(1), iterations),
         Command::Unload { bpffs } => unload(&args.socket, bpffs),
         Command::Explain(a) => explain(&args.socket, &a),
+        Command::Suggest(a) => zt::learn::suggest_main(&a),
+        Command::Diff(a) => zt::learn::diff_main(&a),
     }
 }
 

@@ -66,6 +66,8 @@ struct Args {
     /// Do not reload when the policy files change (SIGHUP and `ztctl reload` still do).
     #[arg(long)]
     no_watch: bool,
+    #[command(flatten)]
+    flows: zt::flows::FlowArgs,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -121,6 +123,7 @@ async fn main() -> std::process::ExitCode {
         log_format: args.log_format,
         check_interval: args.check_interval,
         watch: !args.no_watch,
+        flows: args.flows.config(),
     };
     match daemon::run(opts).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
