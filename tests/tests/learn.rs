@@ -314,3 +314,104 @@ fn a_suggested_policy_allows_every_recorded_flow_and_denies_new_ones() {
         "{text}"
     );
 }
+
+#[test]
+fn a_suggested_policy_covers_a_guarded_server_and_its_clients() {
+    let h = Harness::new(PROBE);
+    let net = NetPair::new();
+    let store = h.flows_dir();
+    h.write_policy("p.toml", "version = 1\n");
+    let mut ztd = h.start_ztd(&["--mode", "audit", "--flows-flush-interval", "200ms"]);
+    // A server of the guarded cgroup on an explicit port, in the server namespace; clients
+    // in the other namespace (not guarded).
+    let port = 18080;
+    let srv = Server::start_in(
+        &h.probe,
+        &["0.0.0.0"],
+        &[port],
+        Some(&net.path_b()),
+        Some(&h.cgroup.path),
+    );
+    let from_a =
+        |which: &str| h.probe_call(Call::new("tcp", net.b_addr(which, port)).netns(&net.path_a()));
+    assert_eq!(from_a("main"), "ok", "audit mode lets the client in");
+    let end = Instant::now() + WAIT;
+    let flows = loop {
+        let flows = flows::read(&store).map(|s| s.flows).unwrap_or_default();
+        if flows.iter().any(|f| f.key.kind == FlowKind::Ingress)
+            && flows.iter().any(|f| f.key.kind == FlowKind::Bind)
+        {
+            break flows;
+        }
+        assert!(
+            Instant::now() < end,
+            "no ingress and bind flows: {flows:#?}\n{}",
+            ztd.lines().join("\n")
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(
+        flows.iter().all(|f| f.key.kind != FlowKind::Egress),
+        "a server's replies are no egress flows: {flows:#?}"
+    );
+    assert!(ztd.terminate().is_some());
+    drop(srv);
+
+    // Suggest (ztd down), check, enforce.
+    let out_dir = tempfile::tempdir().expect("tempdir");
+    let suggested = out_dir.path().join("server.toml");
+    let (store_arg, suggested_arg) = (store.display().to_string(), suggested.display().to_string());
+    ztctl_ok(
+        &h,
+        &["suggest", "--store", &store_arg, "--out", &suggested_arg],
+    );
+    let text = std::fs::read_to_string(&suggested).expect("suggested policy");
+    println!("{text}");
+    let x = net.x;
+    assert!(text.contains("direction = \"ingress\""), "{text}");
+    assert!(
+        text.contains(&format!("peer = \"198.18.{x}.1\"")),
+        "the client seen: {text}"
+    );
+    assert!(
+        !text.contains("198.19."),
+        "no client from the other network was seen: {text}"
+    );
+    ztctl_ok(&h, &["check", &suggested_arg]);
+    std::fs::remove_file(h.policy_dir.path().join("p.toml")).expect("remove policy");
+    std::fs::copy(&suggested, h.policy_dir.path().join("server.toml")).expect("copy");
+    let _ztd = h.start_ztd(&["--mode", "enforce"]);
+    // The server binds its ports again (the grants), and the recorded client gets in.
+    let _srv = Server::start_in(
+        &h.probe,
+        &["0.0.0.0"],
+        &[port],
+        Some(&net.path_b()),
+        Some(&h.cgroup.path),
+    );
+    assert_eq!(from_a("main"), "ok", "the recorded client is allowed");
+    // A client from the other network never was: its SYN is dropped.
+    assert_eq!(
+        from_a("other-net"),
+        "timeout",
+        "an unrecorded client is dropped"
+    );
+    let denied = h.wait_events(&["--verdict", "deny"], 1, WAIT, |r| {
+        r.hook == "skb_ingress" && r.local_port == port
+    });
+    assert!(
+        denied
+            .iter()
+            .all(|r| r.peer_addr.to_string() == format!("198.19.{x}.1")),
+        "{denied:#?}"
+    );
+    assert!(!denied.is_empty(), "a deny event for the unrecorded client");
+    // And nothing the recorded flows did was denied.
+    let all_denied = h.events(&["--verdict", "deny"]);
+    assert!(
+        all_denied
+            .iter()
+            .all(|r| r.peer_addr.to_string() == format!("198.19.{x}.1")),
+        "{all_denied:#?}"
+    );
+}

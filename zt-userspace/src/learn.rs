@@ -483,7 +483,11 @@ pub fn suggest(all: &[Flow], opts: &SuggestOptions) -> Result<Suggestion, LearnE
     let mut net_names = BTreeSet::new();
     for r in &rules {
         if r.peers.len() > 1 && !networks.contains_key(&r.peers) {
-            let base = format!("{}-{}-peers", r.ident, r.proto);
+            let base = if r.peers == loopback() {
+                "loopback".to_string()
+            } else {
+                format!("{}-{}-peers", r.ident, r.proto)
+            };
             let mut name = base.clone();
             let mut n = 2;
             while !net_names.insert(name.clone()) {
