@@ -183,6 +183,30 @@ fn a_suggested_policy_allows_every_recorded_flow_and_denies_new_ones() {
     assert!(text.contains("events (audit "), "{text}");
     let checked = ztctl_ok(&h, &["check", &suggested_arg]);
     assert!(checked.starts_with("ok:"), "{checked}");
+    // By user and by unit (the test cgroup is no unit: the cgroup itself) too.
+    for (by, expect) in [
+        ("user", format!("uid = {OTHER_UID}")),
+        ("unit", format!("cgroup = \"{}\"", h.cgroup.rel)),
+    ] {
+        let file = out_dir.path().join(format!("by-{by}.toml"));
+        let file_arg = file.display().to_string();
+        ztctl_ok(
+            &h,
+            &[
+                "suggest",
+                "--store",
+                &store_arg,
+                "--identity-by",
+                by,
+                "--out",
+                &file_arg,
+            ],
+        );
+        let text = std::fs::read_to_string(&file).expect("suggested policy");
+        assert!(text.contains(&expect), "--identity-by {by}:\n{text}");
+        assert!(!text.contains("exe = "), "--identity-by {by}:\n{text}");
+        ztctl_ok(&h, &["check", &file_arg]);
+    }
     // The same without ztd's store: a clear error, exit 1.
     let missing = h.ztctl(&["suggest", "--store", "/nonexistent/zt-flows"]);
     assert_eq!(missing.status.code(), Some(1));
@@ -413,5 +437,91 @@ fn a_suggested_policy_covers_a_guarded_server_and_its_clients() {
             .iter()
             .all(|r| r.peer_addr.to_string() == format!("198.19.{x}.1")),
         "{all_denied:#?}"
+    );
+}
+
+/// Every event delivered (and every event the kernel's rate limit folded into one) is counted
+/// in the store, in a few lines per flow, however many events there were.
+#[test]
+fn a_flood_is_counted_in_full_in_a_few_lines() {
+    const N: u64 = 30_000;
+    const SPREAD: u16 = 8;
+    let h = Harness::new(PROBE);
+    let srv = Server::loopback(&h.probe, 1);
+    h.write_policy(
+        "p.toml",
+        &format!(
+            "version = 1\n[[rule]]\naction = \"allow\"\npeer = \"127.0.0.1\"\nports = [{}]\nproto = \"udp\"\n",
+            srv.ports[0]
+        ),
+    );
+    let mut ztd = h.start_ztd(&["--flows-flush-interval", "500ms"]);
+    // Positive control: allowed where the policy says so.
+    let ok = h.flood_with(
+        "udp",
+        SocketAddr::from(([127, 0, 0, 1], srv.ports[0])),
+        100,
+        1,
+        &[],
+    );
+    assert_eq!(ok, (0, 100, 0));
+    let base = 30_000;
+    let start = Instant::now();
+    let (eperm, _, _) = h.flood_with(
+        "udp",
+        SocketAddr::from(([127, 0, 0, 2], base)),
+        N,
+        SPREAD,
+        &["--linger-ms", "1500"],
+    );
+    assert_eq!(eperm, N, "every connect denied");
+    // Drained: everything produced was read (or lost, and counted as such).
+    let end = Instant::now() + WAIT;
+    let st = loop {
+        let st = ztd.status();
+        let e = &st.events;
+        if e.delivered + e.lost_kernel + e.lost_daemon == e.produced {
+            break st;
+        }
+        assert!(Instant::now() < end, "not drained: {:?}", st.events);
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let took = start.elapsed();
+    assert_eq!(st.events.evicted, 0, "the history holds every event");
+    let records = h.events(&["--verdict", "deny"]);
+    let expected: u64 = records.iter().map(|r| 1 + u64::from(r.suppressed)).sum();
+    assert!(ztd.terminate().is_some());
+    let flows = flows::read(&h.flows_dir()).expect("store").flows;
+    let denied: Vec<&Flow> = flows.iter().filter(|f| f.key.verdict == "deny").collect();
+    let counted: u64 = denied.iter().map(|f| f.count).sum();
+    assert_eq!(
+        counted, expected,
+        "the store counts every delivered event and what each stood for: {:?}",
+        st.events
+    );
+    let ports: std::collections::BTreeSet<u16> = denied.iter().map(|f| f.key.port).collect();
+    assert_eq!(ports.len(), usize::from(SPREAD), "{denied:#?}");
+    let lines: usize = std::fs::read_dir(h.flows_dir())
+        .expect("store dir")
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".jsonl"))
+        .map(|e| {
+            std::fs::read_to_string(e.path())
+                .expect("read")
+                .lines()
+                .count()
+        })
+        .sum();
+    let flushes = took.as_millis() as usize / 500 + 3;
+    eprintln!(
+        "{N} denials: {} delivered, {} suppressed, {} flows, {lines} lines on disk in {took:?}",
+        st.events.delivered,
+        st.events.suppressed,
+        flows.len()
+    );
+    assert!(
+        lines <= flows.len() * flushes,
+        "{lines} lines for {} flows in {flushes} flushes",
+        flows.len()
     );
 }

@@ -740,7 +740,11 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
         .flows
         .clone()
         .and_then(|cfg| match FlowStore::open(cfg) {
-            Ok(store) => Some(Arc::new(Mutex::new(store))),
+            Ok(store) => {
+                let store = Arc::new(Mutex::new(store));
+                flows::spawn_flusher(Arc::clone(&store), |e| warn!("ztd: {e}"));
+                Some(store)
+            }
             Err(e) => {
                 warn!("ztd: flows are not recorded: {e}");
                 None
@@ -823,9 +827,6 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
                         last_check = Instant::now();
                         s.check_and_repair();
                     }
-                    if let Some(Err(e)) = flow_store.as_ref().and_then(|f| f.lock().ok()).map(|mut f| f.flush_if_due()) {
-                        warn!("ztd: {e}");
-                    }
                     if std::mem::take(&mut s.rewatch) && opts.watch {
                         if let Some(stop) = watcher.take() {
                             stop.store(true, Ordering::Relaxed);
@@ -837,7 +838,9 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
             _ = term.recv() => break,
             _ = int.recv() => break,
             _ = unload_rx.recv() => {
-                if let Some(f) = &flow_store { if let Ok(mut f) = f.lock() { let _ = f.flush(); } }
+                if let Err(e) = flows::flush_shared(flow_store.as_ref()) {
+                    warn!("ztd: {e}");
+                }
                 let _ = std::fs::remove_file(&opts.socket);
                 say!("ztd: unloaded; exiting");
                 return Ok(());
@@ -845,11 +848,7 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
         }
     }
     let _ = metrics_stop.send(());
-    if let Some(Err(e)) = flow_store
-        .as_ref()
-        .and_then(|f| f.lock().ok())
-        .map(|mut f| f.flush())
-    {
+    if let Err(e) = flows::flush_shared(flow_store.as_ref()) {
         warn!("ztd: {e}");
     }
     let _ = std::fs::remove_file(&opts.socket);

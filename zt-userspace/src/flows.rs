@@ -29,7 +29,9 @@ use std::{
     fs::{self, File, OpenOptions},
     io::{self, BufRead, BufReader, Write},
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    os::unix::fs::DirBuilderExt,
     path::{Path, PathBuf},
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
@@ -455,7 +457,12 @@ impl FlowStore {
     /// Open (creating it if needed) the store, as its only writer.
     pub fn open(cfg: StoreConfig) -> Result<FlowStore, FlowStoreError> {
         let dir = cfg.dir.clone();
-        fs::create_dir_all(&dir).map_err(io_err("creating the directory", &dir))?;
+        // Who talked to whom is for root only (an existing directory keeps its mode).
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)
+            .map_err(io_err("creating the directory", &dir))?;
         let lock_path = dir.join("lock");
         let lock_file = OpenOptions::new()
             .create(true)
@@ -631,6 +638,44 @@ impl FlowStore {
         self.segment_bytes = 0;
         Ok(())
     }
+}
+
+/// Flush a shared store (if any) now: at shutdown.
+pub fn flush_shared(store: Option<&Arc<Mutex<FlowStore>>>) -> Result<(), FlowStoreError> {
+    match store.map(|s| s.lock()) {
+        Some(Ok(mut s)) => s.flush(),
+        _ => Ok(()),
+    }
+}
+
+/// Flush a shared store every flush interval, off the async workers (a flush may compact);
+/// `report` hears about failures (once per failing spell, see [`FlowStore::flush`]).
+pub fn spawn_flusher(
+    store: Arc<Mutex<FlowStore>>,
+    report: impl Fn(FlowStoreError) + Send + Sync + 'static,
+) {
+    let every = store
+        .lock()
+        .map(|s| s.cfg.flush_interval)
+        .unwrap_or(DEFAULT_FLUSH_INTERVAL)
+        .max(Duration::from_millis(10));
+    let report = Arc::new(report);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let (store, report) = (Arc::clone(&store), Arc::clone(&report));
+            let flushed = tokio::task::spawn_blocking(move || match store.lock() {
+                Ok(mut s) => s.flush(),
+                Err(_) => Ok(()),
+            })
+            .await;
+            if let Ok(Err(e)) = flushed {
+                report(e);
+            }
+        }
+    });
 }
 
 impl Drop for FlowStore {
