@@ -181,6 +181,9 @@ pub struct SuggestOptions {
     pub mode: policy::Mode,
     /// Where the flows came from, for the header.
     pub source: String,
+    /// Put before every identity name (and so every network name), to keep them apart from
+    /// the names of other policy files.
+    pub prefix: String,
 }
 
 /// A suggested policy.
@@ -283,9 +286,14 @@ fn identity_key(f: &Flow, by: IdentityBy) -> IdKey {
             _ => IdKey::Uid(f.key.uid),
         },
         IdentityBy::Unit => match f.key.cgroup.as_deref() {
-            Some(c) if !c.trim_matches('/').is_empty() => IdKey::Cgroup(
-                unit_of(c).map_or_else(|| c.trim_matches('/').to_string(), |(_, cg)| cg),
-            ),
+            Some(c) if !c.trim_matches('/').is_empty() => IdKey::Cgroup(match unit_of(c) {
+                // A login session's scope is gone at the next login: take the user's slice.
+                Some((unit, cg)) if unit.starts_with("session-") && unit.ends_with(".scope") => cg
+                    .rsplit_once('/')
+                    .map_or(cg.clone(), |(parent, _)| parent.to_string()),
+                Some((_, cg)) => cg,
+                None => c.trim_matches('/').to_string(),
+            }),
             _ => IdKey::Uid(f.key.uid),
         },
         IdentityBy::User => IdKey::Uid(f.key.uid),
@@ -339,19 +347,24 @@ pub fn suggest(all: &[Flow], opts: &SuggestOptions) -> Result<Suggestion, LearnE
     let mut names: BTreeMap<IdKey, String> = BTreeMap::new();
     let mut taken = BTreeSet::new();
     for (key, facts) in &ids {
-        let base = sanitize(&match key {
-            IdKey::Exe(p) => Path::new(p)
-                .file_name()
-                .map_or_else(|| p.clone(), |n| n.to_string_lossy().into_owned()),
-            IdKey::Cgroup(c) => {
-                let last = c.rsplit('/').next().unwrap_or(c);
-                last.strip_suffix(".service").unwrap_or(last).to_string()
-            }
-            IdKey::Uid(uid) => match facts.uids.get(uid).cloned().flatten() {
-                Some(name) => name,
-                None => format!("uid-{uid}"),
-            },
-        });
+        let base = opts.prefix.clone()
+            + &sanitize(&match key {
+                IdKey::Exe(p) => Path::new(p)
+                    .file_name()
+                    .map_or_else(|| p.clone(), |n| n.to_string_lossy().into_owned()),
+                IdKey::Cgroup(c) => {
+                    let last = c.rsplit('/').next().unwrap_or(c);
+                    [".service", ".scope", ".slice"]
+                        .iter()
+                        .find_map(|s| last.strip_suffix(s))
+                        .unwrap_or(last)
+                        .to_string()
+                }
+                IdKey::Uid(uid) => match facts.uids.get(uid).cloned().flatten() {
+                    Some(name) => name,
+                    None => format!("uid-{uid}"),
+                },
+            });
         let mut name = base.clone();
         let mut n = 2;
         while !taken.insert(name.clone()) {
@@ -484,7 +497,7 @@ pub fn suggest(all: &[Flow], opts: &SuggestOptions) -> Result<Suggestion, LearnE
     for r in &rules {
         if r.peers.len() > 1 && !networks.contains_key(&r.peers) {
             let base = if r.peers == loopback() {
-                "loopback".to_string()
+                format!("{}-local", r.ident)
             } else {
                 format!("{}-{}-peers", r.ident, r.proto)
             };
@@ -895,6 +908,10 @@ pub struct SuggestArgs {
     /// Mode of the suggested file.
     #[arg(long, value_parser = ["enforce", "audit"], default_value = "enforce")]
     pub mode: String,
+    /// Put PREFIX before every identity and network name (names are unique across all the
+    /// files of a policy).
+    #[arg(long, value_name = "PREFIX", default_value = "")]
+    pub prefix: String,
     /// The flow store (ztd's --flows-dir); read directly, ztd need not run.
     #[arg(long, value_name = "DIR", default_value = flows::DEFAULT_DIR)]
     pub store: PathBuf,
@@ -961,6 +978,11 @@ pub fn suggest_main(a: &SuggestArgs) -> ExitCode {
             policy::Mode::Enforce
         },
         source: format!("the flow store {}", a.store.display()),
+        prefix: if a.prefix.is_empty() {
+            String::new()
+        } else {
+            sanitize(&a.prefix)
+        },
     };
     let s = match suggest(&flows, &opts) {
         Ok(s) => s,
@@ -1209,6 +1231,7 @@ mod tests {
             verdicts: vec![],
             mode: policy::Mode::Enforce,
             source: "a test".into(),
+            prefix: String::new(),
         }
     }
 
@@ -1276,6 +1299,24 @@ mod tests {
         assert_eq!(s.identities, 1);
         assert!(s.text.contains("[identity.web]"), "{}", s.text);
         assert!(s.text.contains("cgroup = \"system.slice/web.service\""));
+        // A login session is taken as the user's slice (the next session is another scope);
+        // a prefix keeps names apart from other files'.
+        let mut session = flow(FlowKind::Egress, 1000, "10.0.0.2", 22, "tcp", t);
+        session.key.cgroup = Some("/user.slice/user-1000.slice/session-4.scope".into());
+        let mut o = opts(IdentityBy::Unit);
+        o.prefix = "learned-".into();
+        let s = suggest(&[session], &o).unwrap();
+        assert!(
+            s.text.contains("[identity.learned-user-1000]"),
+            "{}",
+            s.text
+        );
+        assert!(
+            s.text.contains("cgroup = \"user.slice/user-1000.slice\""),
+            "{}",
+            s.text
+        );
+        load(&s.text);
         // Filters.
         let mut o = opts(IdentityBy::User);
         o.verdicts = vec!["deny".into()];
