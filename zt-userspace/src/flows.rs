@@ -50,6 +50,21 @@ pub const DEFAULT_MAX_FLOWS: usize = 100_000;
 pub const DEFAULT_FLUSH_INTERVAL: Duration = Duration::from_secs(2);
 /// Distinct flows held in memory before a write, whatever the interval.
 pub const MAX_PENDING: usize = 10_000;
+/// Segments left by earlier runs that make the next start compact them.
+const MAX_SEGMENTS: usize = 32;
+
+/// Whether a file's last byte is a newline (a torn write's is not).
+fn ends_with_newline(path: &Path) -> bool {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut last = [0u8; 1];
+    File::open(path)
+        .and_then(|mut f| {
+            f.seek(SeekFrom::End(-1))?;
+            f.read_exact(&mut last)
+        })
+        .map(|()| last[0] == b'\n')
+        .unwrap_or(true)
+}
 
 /// Which way a flow went, as the policy's rules see it.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -487,16 +502,22 @@ impl FlowStore {
                 }
             }
         });
-        let segment_bytes: u64 = segs
-            .iter()
-            .filter(|(n, _)| *n > through)
-            .filter_map(|(_, p)| fs::metadata(p).ok())
-            .map(|m| m.len())
-            .sum();
+        // Live segments; empty ones (a start without events) are removed.
+        let mut live = Vec::new();
+        for (n, path) in segs.iter().filter(|(n, _)| *n > through) {
+            match fs::metadata(path) {
+                Ok(m) if m.len() == 0 => {
+                    let _ = fs::remove_file(path);
+                }
+                Ok(m) => live.push((*n, path.clone(), m.len())),
+                Err(_) => {}
+            }
+        }
+        let segment_bytes: u64 = live.iter().map(|(_, _, len)| len).sum();
         // A new segment per start: a torn line of a crash stays in the old one.
         let active_seq = segs.last().map_or(0, |(n, _)| *n).max(through) + 1;
         let (active, _) = open_segment(&dir, active_seq)?;
-        Ok(FlowStore {
+        let mut store = FlowStore {
             cfg,
             _lock: lock,
             pending: HashMap::new(),
@@ -506,7 +527,13 @@ impl FlowStore {
             last_flush: Instant::now(),
             stats: StoreStats::default(),
             failing: false,
-        })
+        };
+        // Many restarts leave many segments, a crash a torn last line: compact them away.
+        let torn = live.iter().any(|(_, path, _)| !ends_with_newline(path));
+        if live.len() > MAX_SEGMENTS || torn {
+            store.compact()?;
+        }
+        Ok(store)
     }
 
     pub fn config(&self) -> &StoreConfig {
@@ -872,10 +899,26 @@ mod tests {
         assert_eq!(snap.bad_lines, 1);
         assert_eq!(snap.flows.len(), 1);
         assert_eq!(snap.flows[0].count, 2);
-        // The next writer cleans up and goes on.
+        // The next writer compacts the torn segment away and goes on.
         let s = FlowStore::open(cfg(dir.path())).unwrap();
+        assert_eq!(s.stats().compactions, 1);
         drop(s);
-        assert_eq!(read(dir.path()).unwrap().flows[0].count, 2);
+        let snap = read(dir.path()).unwrap();
+        assert_eq!((snap.flows[0].count, snap.bad_lines), (2, 0));
+        // Starts without events leave no files behind; many segments are compacted.
+        for _ in 0..5 {
+            drop(FlowStore::open(cfg(dir.path())).unwrap());
+        }
+        let segs = list(dir.path()).unwrap().1;
+        assert!(segs.len() <= 2, "{segs:?}");
+        for i in 0..40 {
+            let mut s = FlowStore::open(cfg(dir.path())).unwrap();
+            s.record(&record(1000 + i, "audit", 30 + u64::from(i)))
+                .unwrap();
+        }
+        let segs = list(dir.path()).unwrap().1;
+        assert!(segs.len() <= MAX_SEGMENTS + 2, "{}", segs.len());
+        assert_eq!(read(dir.path()).unwrap().flows.len(), 41);
     }
 
     #[test]
