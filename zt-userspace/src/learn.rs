@@ -278,13 +278,20 @@ struct PortSeen {
     seen: Seen,
 }
 
+/// An executable a policy can name: it still exists, and did not run deleted.
+fn identity_key_exe(path: &str) -> Option<IdKey> {
+    (!path.ends_with(" (deleted)") && Path::new(path).is_file())
+        .then(|| IdKey::Exe(path.to_string()))
+}
+
 fn identity_key(f: &Flow, by: IdentityBy) -> IdKey {
-    let exe_ok = |p: &str| !p.ends_with(" (deleted)") && Path::new(p).is_file();
     match by {
-        IdentityBy::Exe => match &f.key.exe {
-            Some(p) if exe_ok(p) => IdKey::Exe(p.clone()),
-            _ => IdKey::Uid(f.key.uid),
-        },
+        IdentityBy::Exe => f
+            .key
+            .exe
+            .as_deref()
+            .and_then(identity_key_exe)
+            .unwrap_or(IdKey::Uid(f.key.uid)),
         IdentityBy::Unit => match f.key.cgroup.as_deref() {
             Some(c) if !c.trim_matches('/').is_empty() => IdKey::Cgroup(match unit_of(c) {
                 // A login session's scope is gone at the next login: take the user's slice.
@@ -322,6 +329,22 @@ pub fn suggest(all: &[Flow], opts: &SuggestOptions) -> Result<Suggestion, LearnE
         return Err(LearnError::Empty { what });
     }
     let mut notes = Vec::new();
+    if opts.identity_by == IdentityBy::Exe {
+        let gone: BTreeSet<&str> = flows
+            .iter()
+            .filter_map(|f| f.key.exe.as_deref())
+            .filter(|p| identity_key_exe(p).is_none())
+            .collect();
+        if !gone.is_empty() {
+            let list: Vec<&str> = gone.iter().copied().take(5).collect();
+            notes.push(format!(
+                "{} executables no longer exist (or ran deleted) and are identified by uid instead: {}{}",
+                gone.len(),
+                list.join(", "),
+                if gone.len() > 5 { ", ..." } else { "" }
+            ));
+        }
+    }
 
     // Identities.
     let mut ids: BTreeMap<IdKey, IdFacts> = BTreeMap::new();
@@ -1317,6 +1340,19 @@ mod tests {
             s.text
         );
         load(&s.text);
+        // By executable: one that is gone is identified by its uid, with a note.
+        let mut gone = flow(FlowKind::Egress, 4001, "10.0.0.2", 443, "tcp", t);
+        gone.key.exe = Some("/nonexistent/zt-gone".into());
+        let mut here = flow(FlowKind::Egress, 0, "10.0.0.2", 443, "tcp", t);
+        here.key.exe = Some("/bin/sh".into());
+        let s = suggest(&[gone, here], &opts(IdentityBy::Exe)).unwrap();
+        assert!(
+            s.text.contains("[identity.uid-4001]\nuid = 4001"),
+            "{}",
+            s.text
+        );
+        assert!(s.text.contains("exe = \"/bin/sh\"\nuid = 0"), "{}", s.text);
+        assert!(s.notes[0].contains("/nonexistent/zt-gone"), "{:?}", s.notes);
         // Filters.
         let mut o = opts(IdentityBy::User);
         o.verdicts = vec!["deny".into()];
