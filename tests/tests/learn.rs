@@ -144,6 +144,8 @@ fn a_suggested_policy_allows_every_recorded_flow_and_denies_new_ones() {
     // Flushed while ztd runs, next to what the first run recorded.
     let all: Vec<&Case> = before.iter().chain(after.iter()).collect();
     let flows = wait_store(&store, &all, &ztd);
+    let st = ztd.status().flows.expect("status reports the flow store");
+    assert!(st.recording && st.dir == store && st.flushes >= 1, "{st:?}");
     let f = flows.iter().find(|f| after[0].matches(f)).expect("flow");
     assert_eq!(f.user, None, "uid {OTHER_UID} has no name here: {f:#?}");
     drop(ztd);
@@ -524,4 +526,36 @@ fn a_flood_is_counted_in_full_in_a_few_lines() {
         "{lines} lines for {} flows in {flushes} flushes",
         flows.len()
     );
+}
+
+/// A store that cannot be opened is reported by `status`; ztd guards all the same.
+#[test]
+fn a_store_that_cannot_be_opened_is_reported_and_enforcement_goes_on() {
+    let h = Harness::new(PROBE);
+    let srv = Server::loopback(&h.probe, 2);
+    // A file where the store's directory should be.
+    std::fs::write(h.flows_dir(), b"not a directory").expect("write");
+    h.write_policy(
+        "p.toml",
+        &format!(
+            "version = 1\n[[rule]]\naction = \"allow\"\npeer = \"127.0.0.1\"\nports = [{}]\nproto = \"tcp\"\n",
+            srv.ports[0]
+        ),
+    );
+    let ztd = h.start_ztd(&[]);
+    let st = ztd.status().flows.expect("status reports the flow store");
+    assert!(!st.recording, "{st:?}");
+    assert!(
+        st.error.contains(&h.flows_dir().display().to_string()),
+        "{st:?}"
+    );
+    let text = String::from_utf8_lossy(&h.ztctl(&["status"]).stdout).into_owned();
+    assert!(text.contains("flows       NOT recorded"), "{text}");
+    let lo = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));
+    assert_eq!(h.call("tcp", lo(srv.ports[0])), "ok", "allowed");
+    assert_eq!(h.call("tcp", lo(srv.ports[1])), "eperm", "denied");
+    // --no-flows: nothing to report.
+    drop(ztd);
+    let ztd = h.start_ztd(&["--no-flows"]);
+    assert!(ztd.status().flows.is_none());
 }

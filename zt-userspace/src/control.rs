@@ -178,6 +178,9 @@ pub struct Status {
     /// An applied policy waiting for `ztctl confirm` (else it is rolled back).
     #[serde(default)]
     pub pending_apply: Option<PendingApply>,
+    /// The flow store of learning mode (`null` with `--no-flows`).
+    #[serde(default)]
+    pub flows: Option<crate::flows::StoreStatus>,
 }
 
 /// A `ztctl apply` waiting for `ztctl confirm`.

@@ -181,6 +181,8 @@ struct State {
     reported: Vec<String>,
     /// The policy path changed (a confirmed apply): the file watch must follow it.
     rewatch: bool,
+    /// The flow store, for `status`.
+    flows: flows::Recorder,
 }
 
 /// An applied policy waiting for confirmation, and what to roll back to.
@@ -590,6 +592,7 @@ impl State {
                     .saturating_duration_since(Instant::now())
                     .as_secs(),
             }),
+            flows: self.flows.status(),
         }))
     }
 
@@ -691,6 +694,7 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
         last_repair: String::new(),
         reported: Vec::new(),
         rewatch: false,
+        flows: flows::Recorder::default(),
     };
     let flags = state.flags();
     // The same policy as the active slot holds (a restart): keep its generation.
@@ -734,22 +738,10 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
     );
     let events_map = state.loader.take_events();
     let enricher = Enricher::new(state.cgroup_root.clone());
+    state.flows = flows::Recorder::open(opts.flows.clone(), |e| warn!("ztd: {e}"));
+    let flow_store = state.flows.store().cloned();
     let state = Arc::new(Mutex::new(state));
     let history = Arc::new(Mutex::new(History::new(opts.history.max(1), 4096)));
-    let flow_store = opts
-        .flows
-        .clone()
-        .and_then(|cfg| match FlowStore::open(cfg) {
-            Ok(store) => {
-                let store = Arc::new(Mutex::new(store));
-                flows::spawn_flusher(Arc::clone(&store), |e| warn!("ztd: {e}"));
-                Some(store)
-            }
-            Err(e) => {
-                warn!("ztd: flows are not recorded: {e}");
-                None
-            }
-        });
 
     let (metrics_stop, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
     if let Some(addr) = opts.metrics {

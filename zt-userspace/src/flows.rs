@@ -667,6 +667,115 @@ impl FlowStore {
     }
 }
 
+/// The daemon's handle on its store, and what `ztctl status` says about it.
+#[derive(Clone, Default)]
+pub enum Recorder {
+    /// `--no-flows`.
+    #[default]
+    Off,
+    /// The store could not be opened: nothing is recorded.
+    Failed {
+        dir: PathBuf,
+        error: String,
+    },
+    On(Arc<Mutex<FlowStore>>),
+}
+
+impl Recorder {
+    /// Open the store (`None`: `--no-flows`) and start its flusher; `report` hears about
+    /// failures, the opening's included (the daemon runs on without recording).
+    pub fn open(
+        cfg: Option<StoreConfig>,
+        report: impl Fn(FlowStoreError) + Send + Sync + Clone + 'static,
+    ) -> Recorder {
+        let Some(cfg) = cfg else {
+            return Recorder::Off;
+        };
+        let dir = cfg.dir.clone();
+        match FlowStore::open(cfg) {
+            Ok(store) => {
+                let store = Arc::new(Mutex::new(store));
+                spawn_flusher(Arc::clone(&store), report);
+                Recorder::On(store)
+            }
+            Err(e) => {
+                let error = e.to_string();
+                report(e);
+                Recorder::Failed { dir, error }
+            }
+        }
+    }
+
+    pub fn store(&self) -> Option<&Arc<Mutex<FlowStore>>> {
+        match self {
+            Recorder::On(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    pub fn status(&self) -> Option<StoreStatus> {
+        match self {
+            Recorder::Off => None,
+            Recorder::Failed { dir, error } => Some(StoreStatus {
+                dir: dir.clone(),
+                error: error.clone(),
+                ..StoreStatus::default()
+            }),
+            Recorder::On(store) => store.lock().ok().map(|s| StoreStatus {
+                dir: s.cfg.dir.clone(),
+                recording: true,
+                error: String::new(),
+                failing: s.failing,
+                pending: s.pending.len() as u64,
+                flushes: s.stats.flushes,
+                compactions: s.stats.compactions,
+                evicted: s.stats.evicted,
+                write_errors: s.stats.write_errors,
+            }),
+        }
+    }
+}
+
+/// The flow store in `ztctl status --json` (`flows`).
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+pub struct StoreStatus {
+    /// `--flows-dir`.
+    pub dir: PathBuf,
+    /// Events are being recorded.
+    pub recording: bool,
+    /// Why not (the store could not be opened), or empty.
+    pub error: String,
+    /// The last write failed (logged once); recording resumes when the disk takes it.
+    pub failing: bool,
+    /// Flows in memory, not yet written.
+    pub pending: u64,
+    pub flushes: u64,
+    pub compactions: u64,
+    /// Flows dropped by compaction to stay within the bounds.
+    pub evicted: u64,
+    /// Flows lost because a write failed.
+    pub write_errors: u64,
+}
+
+impl StoreStatus {
+    /// One line for `ztctl status`.
+    pub fn summary(&self) -> String {
+        if !self.recording {
+            return format!("NOT recorded ({}): {}", self.dir.display(), self.error);
+        }
+        format!(
+            "recording to {}{}  pending {}  flushes {}  compactions {}  evicted {}  write errors {}",
+            self.dir.display(),
+            if self.failing { " (FAILING: see ztd's log)" } else { "" },
+            self.pending,
+            self.flushes,
+            self.compactions,
+            self.evicted,
+            self.write_errors
+        )
+    }
+}
+
 /// Flush a shared store (if any) now: at shutdown.
 pub fn flush_shared(store: Option<&Arc<Mutex<FlowStore>>>) -> Result<(), FlowStoreError> {
     match store.map(|s| s.lock()) {

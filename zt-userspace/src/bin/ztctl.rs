@@ -247,6 +247,9 @@ fn print_status(st: &Status) {
         e.history,
         e.history_capacity
     );
+    if let Some(f) = &st.flows {
+        println!("flows       {}", f.summary());
+    }
     if !st.last_reload.ok {
         println!("last reload FAILED: {}", st.last_reload.message);
     }
