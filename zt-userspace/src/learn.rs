@@ -16,6 +16,7 @@ use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     fmt::Write as _,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
     process::ExitCode,
     time::Duration,
@@ -335,6 +336,26 @@ pub fn suggest(all: &[Flow], opts: &SuggestOptions) -> Result<Suggestion, LearnE
             .filter_map(|f| f.key.exe.as_deref())
             .filter(|p| identity_key_exe(p).is_none())
             .collect();
+        let replaced: BTreeSet<&str> = flows
+            .iter()
+            .filter(|f| (f.key.exe_dev, f.key.exe_ino) != (0, 0))
+            .filter_map(|f| {
+                let path = f.key.exe.as_deref()?;
+                identity_key_exe(path)?;
+                let meta = std::fs::metadata(path).ok()?;
+                let now = (policy::kernel_dev(meta.dev()), meta.ino());
+                (now != (f.key.exe_dev, f.key.exe_ino)).then_some(path)
+            })
+            .collect();
+        if !replaced.is_empty() {
+            let list: Vec<&str> = replaced.iter().copied().take(5).collect();
+            notes.push(format!(
+                "{} executables were replaced since they were recorded (another file now): the policy pins the current file: {}{}",
+                replaced.len(),
+                list.join(", "),
+                if replaced.len() > 5 { ", ..." } else { "" }
+            ));
+        }
         if !gone.is_empty() {
             let list: Vec<&str> = gone.iter().copied().take(5).collect();
             notes.push(format!(
@@ -1352,7 +1373,29 @@ mod tests {
             s.text
         );
         assert!(s.text.contains("exe = \"/bin/sh\"\nuid = 0"), "{}", s.text);
-        assert!(s.notes[0].contains("/nonexistent/zt-gone"), "{:?}", s.notes);
+        assert!(
+            s.notes.iter().any(|n| n.contains("/nonexistent/zt-gone")),
+            "{:?}",
+            s.notes
+        );
+        // /bin/sh is recorded with dev 0, ino 0 here (unknown): not called replaced; with
+        // another inode, it is.
+        assert!(
+            !s.notes.iter().any(|n| n.contains("replaced")),
+            "{:?}",
+            s.notes
+        );
+        let mut old_sh = flow(FlowKind::Egress, 0, "10.0.0.2", 443, "tcp", t);
+        old_sh.key.exe = Some("/bin/sh".into());
+        (old_sh.key.exe_dev, old_sh.key.exe_ino) = (1, 1);
+        let s = suggest(&[old_sh], &opts(IdentityBy::Exe)).unwrap();
+        assert!(
+            s.notes
+                .iter()
+                .any(|n| n.contains("replaced") && n.contains("/bin/sh")),
+            "{:?}",
+            s.notes
+        );
         // Filters.
         let mut o = opts(IdentityBy::User);
         o.verdicts = vec!["deny".into()];
