@@ -260,7 +260,9 @@ impl Harness {
 
     pub fn ztd_command(&self, extra: &[&str]) -> Command {
         let mut cmd = Command::new(bin("ztd"));
-        cmd.arg("--policy")
+        // Never the host's /etc/zt/ztd.toml: a test sets everything it needs.
+        cmd.args(["--config", "/dev/null"])
+            .arg("--policy")
             .arg(self.policy_dir.path())
             .arg("--cgroup")
             .arg(&self.cgroup.path)

@@ -211,6 +211,7 @@ impl State {
     /// Reload: all of the new policy or nothing. A policy identical to the active one (same
     /// hash) keeps the generation.
     fn reload(&mut self) -> Response {
+        let _reloading = crate::notify::Reloading::begin();
         if let Some(p) = &self.pending {
             let message = format!(
                 "an apply of {} (generation {}) is pending: `ztctl confirm` it or wait for its rollback, then reload",
@@ -779,6 +780,7 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
         }
     }
 
+    crate::notify::ready(&format!("enforcing {summary}"));
     loop {
         tokio::select! {
             accepted = listener.accept() => {
@@ -818,12 +820,14 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
             _ = term.recv() => break,
             _ = int.recv() => break,
             _ = unload_rx.recv() => {
+                crate::notify::stopping();
                 let _ = std::fs::remove_file(&opts.socket);
                 say!("ztd: unloaded; exiting");
                 return Ok(());
             }
         }
     }
+    crate::notify::stopping();
     let _ = metrics_stop.send(());
     let _ = std::fs::remove_file(&opts.socket);
     say!(
@@ -1115,6 +1119,18 @@ async fn read_events(
                         .map(|(k, v)| (k.as_str(), v.clone()))
                         .collect();
                     emit_line(false, "info", "decision", &fields);
+                }
+            }
+            if crate::events_file::enabled() {
+                if let Ok(serde_json::Value::Object(map)) = serde_json::to_value(&record) {
+                    let fields: Vec<(&str, serde_json::Value)> =
+                        map.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
+                    crate::events_file::write(&log_line(
+                        LogFormat::Json,
+                        "info",
+                        "decision",
+                        &fields,
+                    ));
                 }
             }
             if let Ok(mut h) = history.lock() {

@@ -15,3 +15,10 @@ pub mod xdp;
 pub mod enrich;
 pub mod history;
 pub mod metrics;
+
+// Installing and running as a service: the configuration file, systemd readiness, the
+// events file, man pages and completions.
+pub mod config;
+pub mod events_file;
+pub mod manual;
+pub mod notify;

@@ -14,7 +14,12 @@ use zt::{
 #[derive(Debug, Parser)]
 #[command(
     version,
-    about = "zt control: check policies, show status, reload, unload"
+    about = "zt control: check policies, show status, reload, unload",
+    long_about = "zt control: check policy files offline (no daemon, no root needed), and talk to \
+a running ztd over its control socket: status and rule counters, decision events, reload, \
+apply with rollback, explain a verdict, unload. The policy format is described in zt-policy(5).",
+    after_help = "Exit status: 0 success, 1 failure (invalid policy, ztd unreachable or unhealthy, \
+request refused), 2 usage error."
 )]
 struct Args {
     /// ztd's control socket.
@@ -97,7 +102,15 @@ fn main() -> ExitCode {
     // Die quietly on a closed pipe (`ztctl status | head`) like other command-line tools.
     // SAFETY: setting a signal disposition at start-up, before any thread exists.
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
-    let args = match Args::try_parse() {
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if let Some(code) = zt::manual::generate_if_asked(
+        <Args as clap::CommandFactory>::command(),
+        zt::manual::Page::Ztctl,
+        &argv,
+    ) {
+        return code;
+    }
+    let args = match Args::try_parse_from(argv) {
         Ok(a) => a,
         Err(e) => {
             let code = if e.use_stderr() { 2 } else { 0 };

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use clap::{Parser, ValueEnum};
+use clap::{CommandFactory, Parser, ValueEnum};
 use zt::{
     control::DEFAULT_SOCKET,
     daemon::{self, DaemonError, GlobalMode, Options},
@@ -22,8 +22,23 @@ enum Mode {
 /// zt daemon: compiles the policy into the kernel, keeps its programs attached and pinned,
 /// and reports decisions.
 #[derive(Debug, Parser)]
-#[command(version)]
+#[command(
+    version,
+    long_about = "zt daemon: compiles the TOML policy (see zt-policy(5)) into BPF maps, attaches \
+zt's eBPF programs to the guarded cgroup (default: the whole host), keeps them attached and \
+pinned in bpffs, reloads the policy on SIGHUP, `ztctl reload` or when its files change, and \
+reports decisions as events. Enforcement stays in the kernel when ztd stops; `ztctl unload` \
+removes it. Every option can also be set in the configuration file (--config); options on \
+the command line win. Needs root (CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN).",
+    after_help = "Exit status: 0 stopped (SIGTERM/SIGINT, ztctl unload), 1 could not start or run \
+(e.g. an invalid policy: nothing attached), 2 usage or configuration file error."
+)]
 struct Args {
+    /// Configuration file: each key a long option name (`mode = "audit"`, `xdp = ["eth1"]`,
+    /// `log-allowed = true`); options on the command line win. A missing default file is
+    /// fine.
+    #[arg(long, value_name = "PATH", default_value = zt::config::DEFAULT_CONFIG)]
+    config: PathBuf,
     /// Policy file or directory of *.toml files (repeatable).
     #[arg(long, default_value = "/etc/zt/policies")]
     policy: Vec<PathBuf>,
@@ -66,6 +81,16 @@ struct Args {
     /// Do not reload when the policy files change (SIGHUP and `ztctl reload` still do).
     #[arg(long)]
     no_watch: bool,
+    /// Also write every decision event as one JSON line to this file, rotated by size (for
+    /// Vector, Fluent Bit, Filebeat).
+    #[arg(long, value_name = "PATH")]
+    events_file: Option<PathBuf>,
+    /// Rotate the events file before it grows past this many bytes.
+    #[arg(long, value_name = "BYTES", default_value_t = zt::events_file::DEFAULT_MAX_BYTES)]
+    events_file_max_bytes: u64,
+    /// Rotated events files kept (PATH.1 newest … PATH.N); older ones are deleted.
+    #[arg(long, value_name = "N", default_value_t = zt::events_file::DEFAULT_KEEP)]
+    events_file_keep: usize,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -80,7 +105,23 @@ enum XdpMode {
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    let args = Args::parse();
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if let Some(code) = zt::manual::generate_if_asked(Args::command(), zt::manual::Page::Ztd, &argv)
+    {
+        return code;
+    }
+    let args: Args = match zt::config::parse_with_config(argv) {
+        Ok(a) => a,
+        Err(zt::config::ConfigError::Clap(e)) => {
+            let code = if e.use_stderr() { 2 } else { 0 };
+            let _ = e.print();
+            return std::process::ExitCode::from(code);
+        }
+        Err(e) => {
+            eprintln!("ztd: {e}");
+            return std::process::ExitCode::from(e.exit_code());
+        }
+    };
     let log_format = args.log_format;
     // Text mode prints messages as they are (`path:line:column: message` stays greppable).
     let error = |message: &str| match log_format {
@@ -100,6 +141,19 @@ async fn main() -> std::process::ExitCode {
             }
         },
     };
+    if let Some(path) = &args.events_file {
+        match zt::events_file::EventsFile::open(
+            path,
+            args.events_file_max_bytes,
+            args.events_file_keep,
+        ) {
+            Ok(f) => zt::events_file::install(f),
+            Err(e) => {
+                error(&format!("ztd: {e}"));
+                return std::process::ExitCode::from(1);
+            }
+        }
+    }
     let opts = Options {
         policy: args.policy,
         cgroup,

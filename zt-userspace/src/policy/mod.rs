@@ -9,7 +9,7 @@
 //! reference is the README's "Policy reference".
 
 mod compile;
-mod diag;
+pub(crate) mod diag;
 pub mod eval;
 mod parse;
 mod resolve;
