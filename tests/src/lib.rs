@@ -303,8 +303,19 @@ impl Harness {
 
     /// Start `ztd` without waiting.
     pub fn spawn_ztd(&self, extra: &[&str]) -> Ztd {
-        let mut child = self
-            .ztd_command(extra)
+        self.spawn_ztd_cmd(self.ztd_command(extra))
+    }
+
+    /// Start `ztd` as `cmd` (e.g. [`Harness::ztd_command`] with an environment), wait until
+    /// it answers `status`.
+    pub fn start_ztd_cmd(&self, cmd: Command) -> Ztd {
+        let ztd = self.spawn_ztd_cmd(cmd);
+        self.wait_ready(ztd, Instant::now() + Duration::from_secs(30))
+    }
+
+    /// Start `ztd` as `cmd` without waiting.
+    pub fn spawn_ztd_cmd(&self, mut cmd: Command) -> Ztd {
+        let mut child = cmd
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()

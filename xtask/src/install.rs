@@ -539,6 +539,12 @@ pub fn check_deb(ctx: &Ctx) -> Result<()> {
         bail!("zt .deb conffiles: {conffiles:?}, expected {expected:?}");
     }
     let postinst = std::fs::read_to_string(control.join("postinst"))?;
+    // Commands only, not comments.
+    let postinst: String = postinst
+        .lines()
+        .filter(|l| !l.trim_start().starts_with('#'))
+        .collect::<Vec<_>>()
+        .join("\n");
     let starts = [
         "systemctl enable",
         "systemctl start",

@@ -61,6 +61,9 @@ enum Cmd {
     /// setup, release build, then a Debian package with `cargo deb` (installs cargo-deb
     /// once if missing) in target/debian/.
     Deb,
+    /// The install and package checks of `test` alone (needs a release build): install into
+    /// a temp dir and unpack the .deb, compare with the documented file lists.
+    CheckPackaging,
 }
 
 fn main() -> ExitCode {
@@ -89,6 +92,11 @@ fn dispatch(cmd: Cmd) -> Result<u8> {
         Cmd::Bench => bench::bench(&ctx()?)?,
         Cmd::Install { prefix, etc } => install::install_task(&ctx()?, &prefix, &etc)?,
         Cmd::Deb => install::deb_task(&ctx()?)?,
+        Cmd::CheckPackaging => {
+            let ctx = ctx()?;
+            install::check_install(&ctx)?;
+            install::check_deb(&ctx)?;
+        }
     }
     Ok(0)
 }

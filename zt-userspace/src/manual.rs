@@ -32,7 +32,7 @@ pub fn generate_if_asked(cmd: clap::Command, page: Page, argv: &[OsString]) -> O
             let shell = argv.get(2).and_then(|s| s.to_str());
             match shell.and_then(|s| s.parse::<Shell>().ok()) {
                 Some(shell) => {
-                    completions(cmd, shell, &mut out);
+                    completions(cmd.name(page.name()), shell, &mut out);
                     Ok(())
                 }
                 None => {

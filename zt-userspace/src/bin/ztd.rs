@@ -37,7 +37,7 @@ struct Args {
     /// Configuration file: each key a long option name (`mode = "audit"`, `xdp = ["eth1"]`,
     /// `log-allowed = true`); options on the command line win. A missing default file is
     /// fine.
-    #[arg(long, value_name = "PATH", default_value = zt::config::DEFAULT_CONFIG)]
+    #[arg(long, value_name = "PATH", default_value = zt::config::DEFAULT_CONFIG, overrides_with = "config")]
     config: PathBuf,
     /// Policy file or directory of *.toml files (repeatable).
     #[arg(long, default_value = "/etc/zt/policies")]
