@@ -415,3 +415,72 @@ fn help_and_exit_codes_for_operators() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("/nonexistent/zt.sock"), "{stderr}");
 }
+
+/// Lay out `files` the way the kubelet writes a ConfigMap volume: a timestamped directory,
+/// `..data` pointing at it, and each key a symlink through `..data`. Updating writes a new
+/// directory, swaps `..data` with a rename, and removes the old directory.
+fn configmap_write(dir: &Path, version: u32, files: &[(&str, &str)]) {
+    let data = dir.join(format!("..2026_11_27_00_00_0{version}.000000001"));
+    std::fs::create_dir(&data).expect("mkdir version");
+    for (name, text) in files {
+        std::fs::write(data.join(name), text).expect("write key");
+        let link = dir.join(name);
+        if !link.exists() {
+            std::os::unix::fs::symlink(Path::new("..data").join(name), &link).expect("symlink");
+        }
+    }
+    let old = std::fs::read_link(dir.join("..data")).ok();
+    let tmp = dir.join("..data_tmp");
+    std::os::unix::fs::symlink(data.file_name().expect("name"), &tmp).expect("symlink tmp");
+    std::fs::rename(&tmp, dir.join("..data")).expect("swap ..data");
+    if let Some(old) = old {
+        std::fs::remove_dir_all(dir.join(old)).expect("remove old version");
+    }
+}
+
+#[test]
+fn configmap_symlink_swap_is_picked_up_by_the_watch() {
+    let h = Harness::new(PROBE);
+    let srv = Server::loopback(&h.probe, 2);
+    let (a, b) = (srv.ports[0], srv.ports[1]);
+    let policy = |ports: &str| {
+        format!(
+            "version = 1\n[[rule]]\naction = \"allow\"\npeer = \"127.0.0.1\"\nports = [{ports}]\nproto = \"tcp\"\n"
+        )
+    };
+    let cm = tempfile::tempdir().expect("tempdir");
+    configmap_write(cm.path(), 1, &[("zt.toml", &policy(&a.to_string()))]);
+    let mut cmd = h.ztd_command(&[]);
+    // ztd reads both directories: the harness's (no rules) and the ConfigMap volume.
+    h.write_policy("empty.toml", "version = 1\n");
+    cmd.arg("--policy").arg(cm.path());
+    let ztd = h.start_ztd_cmd(cmd);
+    let gen = ztd.status().generation;
+    assert_eq!(
+        h.call("tcp", lo4(a)),
+        "ok",
+        "allowed by the ConfigMap's policy"
+    );
+    assert_eq!(h.call("tcp", lo4(b)), "eperm", "not yet allowed");
+
+    configmap_write(cm.path(), 2, &[("zt.toml", &policy(&format!("{a}, {b}")))]);
+    let end = Instant::now() + Duration::from_secs(10);
+    while ztd.status().generation == gen {
+        assert!(
+            Instant::now() < end,
+            "the ConfigMap update was not picked up; ztd said:\n{}",
+            ztd.lines().join("\n")
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        h.call("tcp", lo4(b)),
+        "ok",
+        "the updated policy is enforced"
+    );
+    assert_eq!(
+        h.call("tcp", lo4(a)),
+        "ok",
+        "and still allows the first port"
+    );
+}

@@ -119,6 +119,9 @@ pub struct Options {
     pub watch: bool,
 }
 
+/// The symlink a Kubernetes ConfigMap or Secret volume swaps atomically on update.
+const CONFIGMAP_DATA: &str = "..data";
+
 /// How long the policy files must be quiet after a change before ztd reloads.
 pub const WATCH_DEBOUNCE: Duration = Duration::from_millis(300);
 
@@ -1202,12 +1205,17 @@ fn watch_policy(paths: Vec<PathBuf>, changed: mpsc::UnboundedSender<()>) -> Arc<
                 let events = inotify.read_events().unwrap_or_default();
                 let relevant = events.iter().any(|ev| {
                     watches.iter().any(|(wd, only)| {
+                        // `..data`: Kubernetes swaps this symlink to update a ConfigMap
+                        // volume; the `*.toml` links through it do not change themselves.
                         *wd == ev.wd
-                            && ev.name.as_ref().is_some_and(|name| match only {
-                                Some(file) => name == file,
-                                None => {
-                                    Path::new(name).extension().is_some_and(|ext| ext == "toml")
-                                }
+                            && ev.name.as_ref().is_some_and(|name| {
+                                name == CONFIGMAP_DATA
+                                    || match only {
+                                        Some(file) => name == file,
+                                        None => Path::new(name)
+                                            .extension()
+                                            .is_some_and(|ext| ext == "toml"),
+                                    }
                             })
                     })
                 });
