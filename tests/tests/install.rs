@@ -484,3 +484,64 @@ fn configmap_symlink_swap_is_picked_up_by_the_watch() {
         "and still allows the first port"
     );
 }
+
+/// The `KEY: |` blocks of the ConfigMaps in a manifest (4-space indented block scalars).
+fn manifest_blocks(yaml: &str) -> Vec<(String, String)> {
+    let mut out: Vec<(String, String)> = Vec::new();
+    let mut current: Option<(String, String)> = None;
+    for line in yaml.lines() {
+        if let Some((_, text)) = current.as_mut() {
+            if let Some(body) = line.strip_prefix("    ") {
+                text.push_str(body);
+                text.push('\n');
+                continue;
+            }
+            if line.trim().is_empty() {
+                text.push('\n');
+                continue;
+            }
+            out.extend(current.take());
+        }
+        if let Some(key) = line.strip_prefix("  ").and_then(|l| l.strip_suffix(": |")) {
+            if !key.starts_with(' ') {
+                current = Some((key.to_string(), String::new()));
+            }
+        }
+    }
+    out.extend(current);
+    out
+}
+
+#[test]
+fn kubernetes_manifest_ships_a_valid_policy_and_config() {
+    let yaml = std::fs::read_to_string(repo().join("deploy/kubernetes/zt-daemonset.yaml"))
+        .expect("manifest");
+    let blocks = manifest_blocks(&yaml);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let policies = dir.path().join("policies");
+    std::fs::create_dir(&policies).expect("mkdir");
+    let mut config = None;
+    for (key, text) in &blocks {
+        if key == "ztd.toml" {
+            config = Some(text.clone());
+        } else {
+            assert!(key.ends_with(".toml"), "{key}");
+            std::fs::write(policies.join(key), text).expect("write");
+        }
+    }
+    assert!(blocks.len() >= 3, "{blocks:?}");
+    let out = ztctl_check(std::slice::from_ref(&policies));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // The settings parse: ztd stops at the (missing) guarded cgroup or policy, not at them.
+    let config_path = dir.path().join("ztd.toml");
+    std::fs::write(&config_path, config.expect("a ztd.toml key")).expect("write");
+    let out = Command::new(bin("ztd"))
+        .arg("--config")
+        .arg(&config_path)
+        .args(["--cgroup", "/nonexistent-zt-cgroup", "--socket", "/nonexistent/zt.sock"])
+        .output()
+        .expect("run ztd");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(!stderr.contains("ztd.toml:"), "{stderr}");
+}
