@@ -531,14 +531,23 @@ fn kubernetes_manifest_ships_a_valid_policy_and_config() {
     }
     assert!(blocks.len() >= 3, "{blocks:?}");
     let out = ztctl_check(std::slice::from_ref(&policies));
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // The settings parse: ztd stops at the (missing) guarded cgroup or policy, not at them.
     let config_path = dir.path().join("ztd.toml");
     std::fs::write(&config_path, config.expect("a ztd.toml key")).expect("write");
     let out = Command::new(bin("ztd"))
         .arg("--config")
         .arg(&config_path)
-        .args(["--cgroup", "/nonexistent-zt-cgroup", "--socket", "/nonexistent/zt.sock"])
+        .args([
+            "--cgroup",
+            "/nonexistent-zt-cgroup",
+            "--socket",
+            "/nonexistent/zt.sock",
+        ])
         .output()
         .expect("run ztd");
     let stderr = String::from_utf8_lossy(&out.stderr);
