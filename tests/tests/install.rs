@@ -406,6 +406,25 @@ fn help_and_exit_codes_for_operators() {
         assert!(out.status.success());
         assert!(String::from_utf8_lossy(&out.stdout).contains(".SH \"EXIT STATUS\""));
     }
+    // ztd without privileges: exit 1, says what it needs, creates nothing.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pins = dir.path().join("pins");
+    let out = Command::new("setpriv")
+        .args(["--reuid", "65534", "--regid", "65534", "--clear-groups"])
+        .args(["--inh-caps=-all", "--bounding-set=-all"])
+        .arg(bin("ztd"))
+        .args(["--config", "/dev/null", "--policy", "/nonexistent"])
+        .arg("--bpffs")
+        .arg(&pins)
+        .output()
+        .expect("run setpriv ztd");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("needs root") && stderr.contains("CAP_BPF"),
+        "{stderr}"
+    );
+    assert!(!pins.exists());
     // ztctl without a daemon: exit 1 and a message that says what to check.
     let out = Command::new(bin("ztctl"))
         .args(["--socket", "/nonexistent/zt.sock", "status"])

@@ -22,8 +22,8 @@ apply with rollback, explain a verdict, unload. The policy format is described i
 request refused), 2 usage error."
 )]
 struct Args {
-    /// ztd's control socket.
-    #[arg(long, global = true, default_value = DEFAULT_SOCKET)]
+    /// ztd's control socket (as ztd's --socket).
+    #[arg(long, global = true, value_name = "PATH", default_value = DEFAULT_SOCKET)]
     socket: PathBuf,
     #[command(subcommand)]
     command: Command,
@@ -33,7 +33,8 @@ struct Args {
 enum Command {
     /// Validate policy files or directories offline (exit 0 valid, 1 invalid).
     Check {
-        #[arg(required = true)]
+        /// Policy files or directories of *.toml files, checked together as one policy.
+        #[arg(required = true, value_name = "PATH")]
         paths: Vec<PathBuf>,
     },
     /// Show the daemon's health, generation, hooks and rule counters.
@@ -91,7 +92,8 @@ enum Command {
     Explain(ExplainArgs),
     /// Detach and unpin everything zt pinned under DIR (works without a daemon).
     Unload {
-        #[arg(long, default_value = "/sys/fs/bpf/zt")]
+        /// ztd's pin directory (as ztd's --bpffs).
+        #[arg(long, value_name = "DIR", default_value = "/sys/fs/bpf/zt")]
         bpffs: PathBuf,
     },
 }

@@ -40,18 +40,19 @@ struct Args {
     #[arg(long, value_name = "PATH", default_value = zt::config::DEFAULT_CONFIG, overrides_with = "config")]
     config: PathBuf,
     /// Policy file or directory of *.toml files (repeatable).
-    #[arg(long, default_value = "/etc/zt/policies")]
+    #[arg(long, value_name = "PATH", default_value = "/etc/zt/policies")]
     policy: Vec<PathBuf>,
     /// Guarded cgroup (a cgroup2 directory); default: the cgroup2 root (the whole host).
-    #[arg(long)]
+    #[arg(long, value_name = "DIR")]
     cgroup: Option<PathBuf>,
     /// bpffs directory for pinned programs, links and maps.
-    #[arg(long, default_value = "/sys/fs/bpf/zt")]
+    #[arg(long, value_name = "DIR", default_value = "/sys/fs/bpf/zt")]
     bpffs: PathBuf,
     /// Control socket for ztctl.
-    #[arg(long, default_value = DEFAULT_SOCKET)]
+    #[arg(long, value_name = "PATH", default_value = DEFAULT_SOCKET)]
     socket: PathBuf,
-    /// Global mode.
+    /// enforce: denials block (except those of policy files with `mode = "audit"`); audit:
+    /// nothing is blocked, every denial is reported as `audit` (a safe first start).
     #[arg(long, value_enum, default_value = "enforce")]
     mode: Mode,
     /// Also report allowed decisions as events.
@@ -62,10 +63,10 @@ struct Args {
     #[arg(long, value_name = "IFACE")]
     xdp: Vec<String>,
     /// XDP attach mode: `auto` tries native (driver) mode, then generic (skb) mode.
-    #[arg(long, value_enum, default_value = "auto")]
+    #[arg(long, value_name = "MODE", value_enum, default_value = "auto")]
     xdp_mode: XdpMode,
     /// Decision events kept in memory for `ztctl events`.
-    #[arg(long, default_value_t = 10_000)]
+    #[arg(long, value_name = "N", default_value_t = 10_000)]
     history: usize,
     /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9464); off by default.
     #[arg(long, value_name = "ADDR")]
@@ -141,6 +142,13 @@ async fn main() -> std::process::ExitCode {
             }
         },
     };
+    if let Some(missing) = missing_capabilities() {
+        error(&format!(
+            "ztd: missing {missing}: ztd loads BPF programs into the kernel and needs root \
+             (CAP_BPF, CAP_SYS_ADMIN, CAP_NET_ADMIN); run it as root or as the ztd.service unit"
+        ));
+        return std::process::ExitCode::from(1);
+    }
     if let Some(path) = &args.events_file {
         match zt::events_file::EventsFile::open(
             path,
@@ -190,4 +198,25 @@ async fn main() -> std::process::ExitCode {
             std::process::ExitCode::from(1)
         }
     }
+}
+
+/// The capabilities ztd cannot work without that this process lacks (from
+/// /proc/self/status), named for the operator; `None` if all are there or unknown.
+fn missing_capabilities() -> Option<String> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let hex = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))?
+        .trim();
+    let eff = u64::from_str_radix(hex, 16).ok()?;
+    let missing: Vec<&str> = [
+        (21, "CAP_SYS_ADMIN"),
+        (39, "CAP_BPF"),
+        (12, "CAP_NET_ADMIN"),
+    ]
+    .into_iter()
+    .filter(|(bit, _)| eff & (1u64 << bit) == 0)
+    .map(|(_, name)| name)
+    .collect();
+    (!missing.is_empty()).then(|| missing.join(", "))
 }
