@@ -371,6 +371,25 @@ mod tests {
         }
     }
 
+    #[derive(Debug, Parser)]
+    #[command(name = "ztd")]
+    struct ElsewhereArgs {
+        #[arg(long, default_value = "/nonexistent-zt-test/ztd.toml")]
+        config: PathBuf,
+        #[arg(long, default_value = "enforce")]
+        mode: String,
+    }
+
+    #[test]
+    fn a_missing_default_file_is_fine() {
+        let a = parse_with_config::<ElsewhereArgs>(vec!["ztd".into()]).expect("no file");
+        assert_eq!(a.mode, "enforce");
+        let a =
+            parse_with_config::<ElsewhereArgs>(vec!["ztd".into(), "--mode".into(), "audit".into()])
+                .expect("no file");
+        assert_eq!(a.mode, "audit");
+    }
+
     #[test]
     fn help_is_not_an_error() {
         match parse("", &["--help"]) {

@@ -145,7 +145,7 @@ const ZTD_SECTIONS: &[(&str, &[&str])] = &[
         "Exit status",
         &[
             "0\tStopped by SIGTERM or SIGINT, or by ztctl unload.",
-            "1\tCould not start or keep running: invalid policy (reported as path:line:column: message lines), missing kernel feature, pins or socket unusable, another ztd on the same control socket. Nothing was attached or changed when the policy is invalid.",
+            "1\tCould not start or keep running: not root (the missing capabilities are named), invalid policy (reported as path:line:column: message lines), missing kernel feature, pins or socket unusable, another ztd on the same control socket. Nothing was attached or changed when the policy is invalid.",
             "2\tUsage error: an unknown or invalid command-line option, or an unusable configuration file.",
         ],
     ),
