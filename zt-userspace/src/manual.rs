@@ -130,7 +130,7 @@ const ZTD_SECTIONS: &[(&str, &[&str])] = &[
     (
         "Configuration file",
         &[
-            "Every option can also be set in the configuration file (default /etc/zt/ztd.toml, another with --config; a missing default file is fine). Each key is a long option name without the dashes, each value what the option takes: a string or a number, an array for a repeatable option, true or false for a switch. Options given on the command line win over the file; a repeatable option on the command line replaces all of the file's values. An unknown key, a wrong type or an invalid value stops ztd with the file, line and column, before anything is attached.",
+            "Every option can also be set in the configuration file (default /etc/zt/ztd.toml, another with --config; a missing default file is fine). Each key is a long option name without the dashes, each value what the option takes: a string or a number, an array for a repeatable option, true or false for a switch. Options given on the command line win over the file; a repeatable option on the command line replaces all of the file's values. An unknown key, a wrong type or an invalid value stops ztd with the file, line and column, before anything is attached. Write absolute paths: relative ones are taken from ztd's working directory. The file is read at start only.",
             "```\npolicy = [\"/etc/zt/policies\"]\nmode = \"audit\"\nlog-format = \"json\"\nevents-file = \"/var/log/zt/events.jsonl\"\nxdp = [\"eth1\"]",
         ],
     ),
