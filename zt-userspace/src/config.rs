@@ -85,6 +85,21 @@ pub fn parse_with_config<T: CommandFactory + FromArgMatches>(
     Ok(T::from_arg_matches(&matches)?)
 }
 
+/// A string setting of the installed configuration file ([`DEFAULT_CONFIG`]), for tools
+/// that must agree with ztd (ztctl's `--socket` and `--bpffs` defaults). A missing or
+/// unreadable file, or a missing key, is `None`: ztd itself reports a broken file.
+pub fn installed_setting(key: &str) -> Option<String> {
+    setting_in(&std::fs::read_to_string(DEFAULT_CONFIG).ok()?, key)
+}
+
+fn setting_in(text: &str, key: &str) -> Option<String> {
+    let table: toml::Table = toml::from_str(text).ok()?;
+    let value = table
+        .get(key)
+        .or_else(|| table.get(&key.replace('-', "_")))?;
+    value.as_str().map(str::to_string)
+}
+
 /// The arguments the file's settings stand for, skipping flags for which `on_command_line`
 /// is true. Every setting is checked against `cmd` on its own, so an error points at it.
 pub fn config_args(
@@ -388,6 +403,20 @@ mod tests {
             parse_with_config::<ElsewhereArgs>(vec!["ztd".into(), "--mode".into(), "audit".into()])
                 .expect("no file");
         assert_eq!(a.mode, "audit");
+    }
+
+    #[test]
+    fn single_settings_for_ztctl() {
+        let text = "socket = \"/run/x.sock\"\nlog_format = \"json\"\nhistory = 5\n";
+        assert_eq!(setting_in(text, "socket").as_deref(), Some("/run/x.sock"));
+        assert_eq!(setting_in(text, "log-format").as_deref(), Some("json"));
+        assert_eq!(setting_in(text, "history"), None, "strings only");
+        assert_eq!(setting_in(text, "bpffs"), None);
+        assert_eq!(
+            setting_in("socket = [", "socket"),
+            None,
+            "a broken file is ignored"
+        );
     }
 
     #[test]

@@ -182,6 +182,7 @@ const ZTCTL_SECTIONS: &[(&str, &[&str])] = &[
         "Files",
         &[
             "/run/zt/ztd.sock\tztd's control socket (--socket); root only.",
+            "/etc/zt/ztd.toml\tztd's configuration: its socket and bpffs settings, if any, are ztctl's defaults for --socket and unload --bpffs.",
             "/etc/zt/policies\tThe default policy directory.",
         ],
     ),

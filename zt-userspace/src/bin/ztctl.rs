@@ -22,7 +22,7 @@ apply with rollback, explain a verdict, unload. The policy format is described i
 request refused), 2 usage error."
 )]
 struct Args {
-    /// ztd's control socket (as ztd's --socket).
+    /// ztd's control socket (as ztd's --socket; default: `socket` of /etc/zt/ztd.toml if set).
     #[arg(long, global = true, value_name = "PATH", default_value = DEFAULT_SOCKET)]
     socket: PathBuf,
     #[command(subcommand)]
@@ -92,7 +92,7 @@ enum Command {
     Explain(ExplainArgs),
     /// Detach and unpin everything zt pinned under DIR (works without a daemon).
     Unload {
-        /// ztd's pin directory (as ztd's --bpffs).
+        /// ztd's pin directory (as ztd's --bpffs; default: `bpffs` of /etc/zt/ztd.toml if set).
         #[arg(long, value_name = "DIR", default_value = "/sys/fs/bpf/zt")]
         bpffs: PathBuf,
     },
@@ -112,14 +112,24 @@ fn main() -> ExitCode {
     ) {
         return code;
     }
-    let args = match Args::try_parse_from(argv) {
-        Ok(a) => a,
+    let parsed = <Args as clap::CommandFactory>::command()
+        .try_get_matches_from(argv)
+        .and_then(|m| <Args as clap::FromArgMatches>::from_arg_matches(&m).map(|a| (m, a)));
+    let (matches, mut args) = match parsed {
+        Ok(x) => x,
         Err(e) => {
             let code = if e.use_stderr() { 2 } else { 0 };
             let _ = e.print();
             return ExitCode::from(code);
         }
     };
+    // Not given: the socket and pin directory the installed /etc/zt/ztd.toml sets, if any.
+    installed_default(&matches, "socket", &mut args.socket);
+    if let (Command::Unload { bpffs }, Some(("unload", sub))) =
+        (&mut args.command, matches.subcommand())
+    {
+        installed_default(sub, "bpffs", bpffs);
+    }
     match args.command {
         Command::Check { paths } => check(&paths),
         Command::Status { json } => status(&args.socket, json),
@@ -159,6 +169,14 @@ fn main() -> ExitCode {
         } => top(&args.socket, interval.max(1), iterations),
         Command::Unload { bpffs } => unload(&args.socket, bpffs),
         Command::Explain(a) => explain(&args.socket, &a),
+    }
+}
+
+fn installed_default(matches: &clap::ArgMatches, id: &str, value: &mut PathBuf) {
+    if matches.value_source(id) != Some(clap::parser::ValueSource::CommandLine) {
+        if let Some(v) = zt::config::installed_setting(id) {
+            *value = PathBuf::from(v);
+        }
     }
 }
 
@@ -640,4 +658,32 @@ fn explain(socket: &std::path::Path, a: &ExplainArgs) -> ExitCode {
         print!("{e}");
     }
     ExitCode::SUCCESS
+}
+
+#[cfg(test)]
+mod install_tests {
+    use super::*;
+    use clap::{parser::ValueSource, CommandFactory};
+
+    /// `--socket` after the subcommand counts as given: the installed ztd.toml never
+    /// overrides it.
+    #[test]
+    fn a_global_socket_after_the_subcommand_is_from_the_command_line() {
+        for argv in [
+            ["ztctl", "status", "--socket", "/x.sock"],
+            ["ztctl", "--socket", "/x.sock", "status"],
+        ] {
+            let m = Args::command().try_get_matches_from(argv).expect("parse");
+            assert_eq!(m.value_source("socket"), Some(ValueSource::CommandLine));
+        }
+        let m = Args::command()
+            .try_get_matches_from(["ztctl", "unload", "--bpffs", "/sys/fs/bpf/x"])
+            .expect("parse");
+        let (_, sub) = m.subcommand().expect("unload");
+        assert_eq!(sub.value_source("bpffs"), Some(ValueSource::CommandLine));
+        let m = Args::command()
+            .try_get_matches_from(["ztctl", "status"])
+            .expect("parse");
+        assert_eq!(m.value_source("socket"), Some(ValueSource::DefaultValue));
+    }
 }
