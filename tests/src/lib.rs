@@ -263,7 +263,9 @@ impl Harness {
 
     pub fn ztd_command(&self, extra: &[&str]) -> Command {
         let mut cmd = Command::new(bin("ztd"));
-        cmd.arg("--policy")
+        // Never the host's /etc/zt/ztd.toml: a test sets everything it needs.
+        cmd.args(["--config", "/dev/null"])
+            .arg("--policy")
             .arg(self.policy_dir.path())
             .arg("--cgroup")
             .arg(&self.cgroup.path)
@@ -311,8 +313,19 @@ impl Harness {
 
     /// Start `ztd` without waiting.
     pub fn spawn_ztd(&self, extra: &[&str]) -> Ztd {
-        let mut child = self
-            .ztd_command(extra)
+        self.spawn_ztd_cmd(self.ztd_command(extra))
+    }
+
+    /// Start `ztd` as `cmd` (e.g. [`Harness::ztd_command`] with an environment), wait until
+    /// it answers `status`.
+    pub fn start_ztd_cmd(&self, cmd: Command) -> Ztd {
+        let ztd = self.spawn_ztd_cmd(cmd);
+        self.wait_ready(ztd, Instant::now() + Duration::from_secs(30))
+    }
+
+    /// Start `ztd` as `cmd` without waiting.
+    pub fn spawn_ztd_cmd(&self, mut cmd: Command) -> Ztd {
+        let mut child = cmd
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()

@@ -680,7 +680,9 @@ impl Env {
             Sink::Null => Stdio::null(),
         };
         let mut cmd = Command::new(self.bin.join("ztd"));
-        cmd.arg("--policy")
+        // Never an installed /etc/zt/ztd.toml.
+        cmd.args(["--config", "/dev/null"])
+            .arg("--policy")
             .arg(policy)
             .arg("--cgroup")
             .arg(cgroup)

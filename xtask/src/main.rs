@@ -1,4 +1,4 @@
-//! zt's developer tasks: `cargo xtask setup|build|test|run|bench` (see the README's Development section).
+//! zt's developer tasks: `cargo xtask setup|build|test|run|bench|install|deb` (see the README's Development section).
 //!
 //! Environment:
 //! - `ZT_NIGHTLY`: toolchain that setup checks for the eBPF build (default `nightly`);
@@ -7,6 +7,8 @@
 //! - `ZT_BENCH_ROUNDS`: rounds per scenario of `cargo xtask bench` (default 7).
 
 mod bench;
+mod install;
+mod mdman;
 mod run;
 mod setup;
 mod tasks;
@@ -45,6 +47,23 @@ enum Cmd {
     /// setup, build, then the benchmarks (needs root; see BENCHMARKS.md); results in
     /// target/bench/results.json.
     Bench,
+    /// setup, release build, then install ztd, ztctl, the systemd unit, man pages and
+    /// completions under PREFIX, and the default policy and ztd.toml under ETC/zt when
+    /// absent (never overwritten). Starts nothing.
+    Install {
+        /// Where bin/, lib/systemd/system/ and share/ go.
+        #[arg(long, value_name = "DIR", default_value = "/usr/local")]
+        prefix: std::path::PathBuf,
+        /// Where zt/policies and zt/ztd.toml go.
+        #[arg(long, value_name = "DIR", default_value = "/etc")]
+        etc: std::path::PathBuf,
+    },
+    /// setup, release build, then a Debian package with `cargo deb` (installs cargo-deb
+    /// once if missing) in target/debian/.
+    Deb,
+    /// The install and package checks of `test` alone (needs a release build): install into
+    /// a temp dir and unpack the .deb, compare with the documented file lists.
+    CheckPackaging,
 }
 
 fn main() -> ExitCode {
@@ -71,6 +90,13 @@ fn dispatch(cmd: Cmd) -> Result<u8> {
         Cmd::Test => tasks::test(&ctx()?)?,
         Cmd::Run { ztd_args } => return run::run(&ctx()?, ztd_args),
         Cmd::Bench => bench::bench(&ctx()?)?,
+        Cmd::Install { prefix, etc } => install::install_task(&ctx()?, &prefix, &etc)?,
+        Cmd::Deb => install::deb_task(&ctx()?)?,
+        Cmd::CheckPackaging => {
+            let ctx = ctx()?;
+            install::check_install(&ctx)?;
+            install::check_deb(&ctx)?;
+        }
     }
     Ok(0)
 }

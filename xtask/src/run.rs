@@ -79,7 +79,13 @@ pub fn run(ctx: &Ctx, ztd_args: Vec<OsString>) -> Result<u8> {
     let (_, socket) = flag(&ztd_args, "socket");
     let bpffs = bpffs.map_or_else(|| PathBuf::from(DEFAULT_BPFFS), PathBuf::from);
 
+    let (user_config, _) = flag(&ztd_args, "config");
     let mut cmd = Command::new(&ztd);
+    // Never an installed /etc/zt/ztd.toml: its settings (bpffs, xdp, ...) would surprise a
+    // development run and its unload. `-- --config PATH` reads one on purpose.
+    if !user_config {
+        cmd.args(["--config", "/dev/null"]);
+    }
     if !user_policy {
         cmd.arg("--policy").arg(ctx.root.join("policies"));
     }

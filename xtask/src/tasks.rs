@@ -5,7 +5,7 @@ use std::{cell::Cell, process::Command, rc::Rc, time::Instant};
 use anyhow::{bail, Context as _, Result};
 
 use crate::{
-    setup,
+    install, setup,
     util::{self, Ctx},
 };
 
@@ -137,6 +137,11 @@ pub fn test(ctx: &Ctx) -> Result<()> {
             ]))
         }),
         step("build (release)", build),
+        step(
+            "install layout (xtask install into a temp dir)",
+            install::check_install,
+        ),
+        step("Debian package (cargo deb, dpkg -x)", install::check_deb),
         step("prepare kernel (root, bpffs)", |_| {
             util::require_root("cargo xtask test (the integration tests)")?;
             util::ensure_bpffs()?;

@@ -122,6 +122,9 @@ pub struct Options {
     pub flows: Option<flows::StoreConfig>,
 }
 
+/// The symlink a Kubernetes ConfigMap or Secret volume swaps atomically on update.
+const CONFIGMAP_DATA: &str = "..data";
+
 /// How long the policy files must be quiet after a change before ztd reloads.
 pub const WATCH_DEBOUNCE: Duration = Duration::from_millis(300);
 
@@ -216,6 +219,7 @@ impl State {
     /// Reload: all of the new policy or nothing. A policy identical to the active one (same
     /// hash) keeps the generation.
     fn reload(&mut self) -> Response {
+        let _reloading = crate::notify::Reloading::begin();
         if let Some(p) = &self.pending {
             let message = format!(
                 "an apply of {} (generation {}) is pending: `ztctl confirm` it or wait for its rollback, then reload",
@@ -791,6 +795,7 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
         }
     }
 
+    crate::notify::ready(&format!("enforcing {summary}"));
     loop {
         tokio::select! {
             accepted = listener.accept() => {
@@ -833,12 +838,14 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
                 if let Err(e) = flows::flush_shared(flow_store.as_ref()) {
                     warn!("ztd: {e}");
                 }
+                crate::notify::stopping();
                 let _ = std::fs::remove_file(&opts.socket);
                 say!("ztd: unloaded; exiting");
                 return Ok(());
             }
         }
     }
+    crate::notify::stopping();
     let _ = metrics_stop.send(());
     if let Err(e) = flows::flush_shared(flow_store.as_ref()) {
         warn!("ztd: {e}");
@@ -1141,6 +1148,18 @@ async fn read_events(
                     warn!("ztd: {e}");
                 }
             }
+            if crate::events_file::enabled() {
+                if let Ok(serde_json::Value::Object(map)) = serde_json::to_value(&record) {
+                    let fields: Vec<(&str, serde_json::Value)> =
+                        map.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
+                    crate::events_file::write(&log_line(
+                        LogFormat::Json,
+                        "info",
+                        "decision",
+                        &fields,
+                    ));
+                }
+            }
             if let Ok(mut h) = history.lock() {
                 h.push(record);
             }
@@ -1210,12 +1229,17 @@ fn watch_policy(paths: Vec<PathBuf>, changed: mpsc::UnboundedSender<()>) -> Arc<
                 let events = inotify.read_events().unwrap_or_default();
                 let relevant = events.iter().any(|ev| {
                     watches.iter().any(|(wd, only)| {
+                        // `..data`: Kubernetes swaps this symlink to update a ConfigMap
+                        // volume; the `*.toml` links through it do not change themselves.
                         *wd == ev.wd
-                            && ev.name.as_ref().is_some_and(|name| match only {
-                                Some(file) => name == file,
-                                None => {
-                                    Path::new(name).extension().is_some_and(|ext| ext == "toml")
-                                }
+                            && ev.name.as_ref().is_some_and(|name| {
+                                name == CONFIGMAP_DATA
+                                    || match only {
+                                        Some(file) => name == file,
+                                        None => Path::new(name)
+                                            .extension()
+                                            .is_some_and(|ext| ext == "toml"),
+                                    }
                             })
                     })
                 });

@@ -19,3 +19,9 @@ pub mod metrics;
 // Learning mode: the persistent flow store, `ztctl suggest` and `ztctl diff`.
 pub mod flows;
 pub mod learn;
+// Installing and running as a service: the configuration file, systemd readiness, the
+// events file, man pages and completions.
+pub mod config;
+pub mod events_file;
+pub mod manual;
+pub mod notify;

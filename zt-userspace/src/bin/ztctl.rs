@@ -14,11 +14,16 @@ use zt::{
 #[derive(Debug, Parser)]
 #[command(
     version,
-    about = "zt control: check policies, show status, reload, unload"
+    about = "zt control: check policies, show status, reload, unload",
+    long_about = "zt control: check policy files offline (no daemon, no root needed), and talk to \
+a running ztd over its control socket: status and rule counters, decision events, reload, \
+apply with rollback, explain a verdict, unload. The policy format is described in zt-policy(5).",
+    after_help = "Exit status: 0 success, 1 failure (invalid policy, ztd unreachable or unhealthy, \
+request refused), 2 usage error."
 )]
 struct Args {
-    /// ztd's control socket.
-    #[arg(long, global = true, default_value = DEFAULT_SOCKET)]
+    /// ztd's control socket (as ztd's --socket; default: `socket` of /etc/zt/ztd.toml if set).
+    #[arg(long, global = true, value_name = "PATH", default_value = DEFAULT_SOCKET)]
     socket: PathBuf,
     #[command(subcommand)]
     command: Command,
@@ -28,7 +33,8 @@ struct Args {
 enum Command {
     /// Validate policy files or directories offline (exit 0 valid, 1 invalid).
     Check {
-        #[arg(required = true)]
+        /// Policy files or directories of *.toml files, checked together as one policy.
+        #[arg(required = true, value_name = "PATH")]
         paths: Vec<PathBuf>,
     },
     /// Show the daemon's health, generation, hooks and rule counters.
@@ -92,7 +98,8 @@ enum Command {
     Diff(zt::learn::DiffArgs),
     /// Detach and unpin everything zt pinned under DIR (works without a daemon).
     Unload {
-        #[arg(long, default_value = "/sys/fs/bpf/zt")]
+        /// ztd's pin directory (as ztd's --bpffs; default: `bpffs` of /etc/zt/ztd.toml if set).
+        #[arg(long, value_name = "DIR", default_value = "/sys/fs/bpf/zt")]
         bpffs: PathBuf,
     },
 }
@@ -103,14 +110,32 @@ fn main() -> ExitCode {
     // Die quietly on a closed pipe (`ztctl status | head`) like other command-line tools.
     // SAFETY: setting a signal disposition at start-up, before any thread exists.
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
-    let args = match Args::try_parse() {
-        Ok(a) => a,
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if let Some(code) = zt::manual::generate_if_asked(
+        <Args as clap::CommandFactory>::command(),
+        zt::manual::Page::Ztctl,
+        &argv,
+    ) {
+        return code;
+    }
+    let parsed = <Args as clap::CommandFactory>::command()
+        .try_get_matches_from(argv)
+        .and_then(|m| <Args as clap::FromArgMatches>::from_arg_matches(&m).map(|a| (m, a)));
+    let (matches, mut args) = match parsed {
+        Ok(x) => x,
         Err(e) => {
             let code = if e.use_stderr() { 2 } else { 0 };
             let _ = e.print();
             return ExitCode::from(code);
         }
     };
+    // Not given: the socket and pin directory the installed /etc/zt/ztd.toml sets, if any.
+    installed_default(&matches, "socket", &mut args.socket);
+    if let (Command::Unload { bpffs }, Some(("unload", sub))) =
+        (&mut args.command, matches.subcommand())
+    {
+        installed_default(sub, "bpffs", bpffs);
+    }
     match args.command {
         Command::Check { paths } => check(&paths),
         Command::Status { json } => status(&args.socket, json),
@@ -152,6 +177,14 @@ fn main() -> ExitCode {
         Command::Explain(a) => explain(&args.socket, &a),
         Command::Suggest(a) => zt::learn::suggest_main(&a),
         Command::Diff(a) => zt::learn::diff_main(&a),
+    }
+}
+
+fn installed_default(matches: &clap::ArgMatches, id: &str, value: &mut PathBuf) {
+    if matches.value_source(id) != Some(clap::parser::ValueSource::CommandLine) {
+        if let Some(v) = zt::config::installed_setting(id) {
+            *value = PathBuf::from(v);
+        }
     }
 }
 
@@ -636,4 +669,32 @@ fn explain(socket: &std::path::Path, a: &ExplainArgs) -> ExitCode {
         print!("{e}");
     }
     ExitCode::SUCCESS
+}
+
+#[cfg(test)]
+mod install_tests {
+    use super::*;
+    use clap::{parser::ValueSource, CommandFactory};
+
+    /// `--socket` after the subcommand counts as given: the installed ztd.toml never
+    /// overrides it.
+    #[test]
+    fn a_global_socket_after_the_subcommand_is_from_the_command_line() {
+        for argv in [
+            ["ztctl", "status", "--socket", "/x.sock"],
+            ["ztctl", "--socket", "/x.sock", "status"],
+        ] {
+            let m = Args::command().try_get_matches_from(argv).expect("parse");
+            assert_eq!(m.value_source("socket"), Some(ValueSource::CommandLine));
+        }
+        let m = Args::command()
+            .try_get_matches_from(["ztctl", "unload", "--bpffs", "/sys/fs/bpf/x"])
+            .expect("parse");
+        let (_, sub) = m.subcommand().expect("unload");
+        assert_eq!(sub.value_source("bpffs"), Some(ValueSource::CommandLine));
+        let m = Args::command()
+            .try_get_matches_from(["ztctl", "status"])
+            .expect("parse");
+        assert_eq!(m.value_source("socket"), Some(ValueSource::DefaultValue));
+    }
 }

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use clap::{Parser, ValueEnum};
+use clap::{CommandFactory, Parser, ValueEnum};
 use zt::{
     control::DEFAULT_SOCKET,
     daemon::{self, DaemonError, GlobalMode, Options},
@@ -22,21 +22,37 @@ enum Mode {
 /// zt daemon: compiles the policy into the kernel, keeps its programs attached and pinned,
 /// and reports decisions.
 #[derive(Debug, Parser)]
-#[command(version)]
+#[command(
+    version,
+    long_about = "zt daemon: compiles the TOML policy (see zt-policy(5)) into BPF maps, attaches \
+zt's eBPF programs to the guarded cgroup (default: the whole host), keeps them attached and \
+pinned in bpffs, reloads the policy on SIGHUP, `ztctl reload` or when its files change, and \
+reports decisions as events. Enforcement stays in the kernel when ztd stops; `ztctl unload` \
+removes it. Every option can also be set in the configuration file (--config); options on \
+the command line win. Needs root (CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN).",
+    after_help = "Exit status: 0 stopped (SIGTERM/SIGINT, ztctl unload), 1 could not start or run \
+(e.g. an invalid policy: nothing attached), 2 usage or configuration file error."
+)]
 struct Args {
+    /// Configuration file: each key a long option name (`mode = "audit"`, `xdp = ["eth1"]`,
+    /// `log-allowed = true`); options on the command line win. A missing default file is
+    /// fine.
+    #[arg(long, value_name = "PATH", default_value = zt::config::DEFAULT_CONFIG, overrides_with = "config")]
+    config: PathBuf,
     /// Policy file or directory of *.toml files (repeatable).
-    #[arg(long, default_value = "/etc/zt/policies")]
+    #[arg(long, value_name = "PATH", default_value = "/etc/zt/policies")]
     policy: Vec<PathBuf>,
     /// Guarded cgroup (a cgroup2 directory); default: the cgroup2 root (the whole host).
-    #[arg(long)]
+    #[arg(long, value_name = "DIR")]
     cgroup: Option<PathBuf>,
     /// bpffs directory for pinned programs, links and maps.
-    #[arg(long, default_value = "/sys/fs/bpf/zt")]
+    #[arg(long, value_name = "DIR", default_value = "/sys/fs/bpf/zt")]
     bpffs: PathBuf,
     /// Control socket for ztctl.
-    #[arg(long, default_value = DEFAULT_SOCKET)]
+    #[arg(long, value_name = "PATH", default_value = DEFAULT_SOCKET)]
     socket: PathBuf,
-    /// Global mode.
+    /// enforce: denials block (except those of policy files with `mode = "audit"`); audit:
+    /// nothing is blocked, every denial is reported as `audit` (a safe first start).
     #[arg(long, value_enum, default_value = "enforce")]
     mode: Mode,
     /// Also report allowed decisions as events.
@@ -47,10 +63,10 @@ struct Args {
     #[arg(long, value_name = "IFACE")]
     xdp: Vec<String>,
     /// XDP attach mode: `auto` tries native (driver) mode, then generic (skb) mode.
-    #[arg(long, value_enum, default_value = "auto")]
+    #[arg(long, value_name = "MODE", value_enum, default_value = "auto")]
     xdp_mode: XdpMode,
     /// Decision events kept in memory for `ztctl events`.
-    #[arg(long, default_value_t = 10_000)]
+    #[arg(long, value_name = "N", default_value_t = 10_000)]
     history: usize,
     /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9464); off by default.
     #[arg(long, value_name = "ADDR")]
@@ -68,6 +84,16 @@ struct Args {
     no_watch: bool,
     #[command(flatten)]
     flows: zt::flows::FlowArgs,
+    /// Also write every decision event as one JSON line to this file, rotated by size (for
+    /// Vector, Fluent Bit, Filebeat).
+    #[arg(long, value_name = "PATH")]
+    events_file: Option<PathBuf>,
+    /// Rotate the events file before it grows past this many bytes.
+    #[arg(long, value_name = "BYTES", default_value_t = zt::events_file::DEFAULT_MAX_BYTES)]
+    events_file_max_bytes: u64,
+    /// Rotated events files kept (PATH.1 newest … PATH.N); older ones are deleted.
+    #[arg(long, value_name = "N", default_value_t = zt::events_file::DEFAULT_KEEP)]
+    events_file_keep: usize,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -82,7 +108,23 @@ enum XdpMode {
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    let args = Args::parse();
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if let Some(code) = zt::manual::generate_if_asked(Args::command(), zt::manual::Page::Ztd, &argv)
+    {
+        return code;
+    }
+    let args: Args = match zt::config::parse_with_config(argv) {
+        Ok(a) => a,
+        Err(zt::config::ConfigError::Clap(e)) => {
+            let code = if e.use_stderr() { 2 } else { 0 };
+            let _ = e.print();
+            return std::process::ExitCode::from(code);
+        }
+        Err(e) => {
+            eprintln!("ztd: {e}");
+            return std::process::ExitCode::from(e.exit_code());
+        }
+    };
     let log_format = args.log_format;
     // Text mode prints messages as they are (`path:line:column: message` stays greppable).
     let error = |message: &str| match log_format {
@@ -102,6 +144,26 @@ async fn main() -> std::process::ExitCode {
             }
         },
     };
+    if let Some(missing) = missing_capabilities() {
+        error(&format!(
+            "ztd: missing {missing}: ztd loads BPF programs into the kernel and needs root \
+             (CAP_BPF, CAP_SYS_ADMIN, CAP_NET_ADMIN); run it as root or as the ztd.service unit"
+        ));
+        return std::process::ExitCode::from(1);
+    }
+    if let Some(path) = &args.events_file {
+        match zt::events_file::EventsFile::open(
+            path,
+            args.events_file_max_bytes,
+            args.events_file_keep,
+        ) {
+            Ok(f) => zt::events_file::install(f),
+            Err(e) => {
+                error(&format!("ztd: {e}"));
+                return std::process::ExitCode::from(1);
+            }
+        }
+    }
     let opts = Options {
         policy: args.policy,
         cgroup,
@@ -139,4 +201,25 @@ async fn main() -> std::process::ExitCode {
             std::process::ExitCode::from(1)
         }
     }
+}
+
+/// The capabilities ztd cannot work without that this process lacks (from
+/// /proc/self/status), named for the operator; `None` if all are there or unknown.
+fn missing_capabilities() -> Option<String> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let hex = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))?
+        .trim();
+    let eff = u64::from_str_radix(hex, 16).ok()?;
+    let missing: Vec<&str> = [
+        (21, "CAP_SYS_ADMIN"),
+        (39, "CAP_BPF"),
+        (12, "CAP_NET_ADMIN"),
+    ]
+    .into_iter()
+    .filter(|(bit, _)| eff & (1u64 << bit) == 0)
+    .map(|(_, name)| name)
+    .collect();
+    (!missing.is_empty()).then(|| missing.join(", "))
 }

@@ -1,4 +1,4 @@
-//! A reference evaluator: the verdict of the README's "How a connection is judged", computed
+//! A reference evaluator: the verdict of docs/policy.md's "How a connection is judged", computed
 //! directly from the parsed [`Policy`], rule by rule, without the compiled maps.
 //!
 //! It is slow (linear in the rule count) and simple on purpose: `ztctl explain` uses it to

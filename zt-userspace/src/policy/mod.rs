@@ -6,10 +6,10 @@
 //! running system through [`Resolve`]) followed by [`compile()`] (identity bits, net classes,
 //! port classes, decision entries). Every problem is a [`Diagnostic`]
 //! `path:line:column: message`; all of them are collected before giving up. The operator's
-//! reference is the README's "Policy reference".
+//! reference is docs/policy.md (installed as zt-policy(5)).
 
 mod compile;
-mod diag;
+pub(crate) mod diag;
 pub mod eval;
 mod parse;
 mod resolve;
