@@ -1,0 +1,141 @@
+//! Synthetic policies of N rules for the bench, and the same allow-list as an nftables
+//! ruleset: mixed identities (uids, gids, and where asked cgroups that do not exist),
+//! distinct non-nested CIDRs (/32s and /24s), a few port sets with ranges, tcp and udp.
+
+/// Port sets the filler rules cycle through (few distinct edges, so decision entries stay
+/// about one per rule, as in real policies).
+const PORT_SETS: &[&[&str]] = &[
+    &["53"],
+    &["80", "443"],
+    &["8000-8100"],
+    &["1024-2047"],
+    &["22"],
+    &["5000-5100"],
+];
+
+/// A rule count as the variants name it: 10, 10k, 100k.
+pub fn short(n: usize) -> String {
+    if n >= 1000 && n.is_multiple_of(1000) {
+        format!("{}k", n / 1000)
+    } else {
+        n.to_string()
+    }
+}
+
+pub const IDENTITIES_PER_KIND: usize = 20;
+
+/// The i-th filler CIDR: every eighth a /24 in 11.0.0.0/8, the others /32s at odd
+/// addresses of 10.0.0.0/8 (none contains another, none contains 127.0.0.1).
+pub fn cidr(i: usize) -> String {
+    if i.is_multiple_of(8) {
+        let j = (i / 8) as u32;
+        let a = (11u32 << 24) | (j << 8);
+        format!("{}/24", std::net::Ipv4Addr::from(a))
+    } else {
+        let a = (10u32 << 24) + 2 * i as u32 + 1;
+        format!("{}/32", std::net::Ipv4Addr::from(a))
+    }
+}
+
+/// What the filler identities are keyed by.
+#[derive(Clone, Copy)]
+pub enum Kinds {
+    /// uids and gids (expressible in nftables as `meta skuid` / `meta skgid`).
+    UidGid,
+    /// uids, gids and cgroups (under `ghost_base`, which does not exist).
+    UidGidCgroup,
+}
+
+pub struct Filler {
+    /// `[identity.*]` tables.
+    pub identities: String,
+    /// `[[rule]]` tables.
+    pub rules: String,
+    /// nft set elements: (set, element) with set `allow_uid` or `allow_gid`.
+    pub nft: Vec<(&'static str, String)>,
+}
+
+/// `n` filler rules; `ingress_every`: every k-th is an ingress allow (0: none).
+pub fn filler(n: usize, kinds: Kinds, ghost_base: &str, ingress_every: usize) -> Filler {
+    let mut identities = String::new();
+    let mut names = Vec::new();
+    for k in 0..IDENTITIES_PER_KIND {
+        identities.push_str(&format!("[identity.u{k}]\nuid = {}\n\n", 2000 + k));
+        names.push((format!("u{k}"), Some(("allow_uid", 2000 + k))));
+        identities.push_str(&format!("[identity.g{k}]\ngid = {}\n\n", 3000 + k));
+        names.push((format!("g{k}"), Some(("allow_gid", 3000 + k))));
+        if let Kinds::UidGidCgroup = kinds {
+            identities.push_str(&format!(
+                "[identity.c{k}]\ncgroup = \"{ghost_base}/ghost-{k}\"\n\n"
+            ));
+            names.push((format!("c{k}"), None));
+        }
+    }
+    let mut rules = String::with_capacity(n * 100);
+    let mut nft = Vec::with_capacity(n);
+    for i in 0..n {
+        let (name, nft_id) = &names[i % names.len()];
+        let ports = PORT_SETS[i % PORT_SETS.len()];
+        let proto = if i % 2 == 0 { "tcp" } else { "udp" };
+        let peer = cidr(i);
+        let ingress = ingress_every > 0 && i % ingress_every == ingress_every - 1;
+        let list = ports
+            .iter()
+            .map(|p| {
+                if p.contains('-') {
+                    format!("\"{p}\"")
+                } else {
+                    p.to_string()
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
+        rules.push_str(&format!(
+            "[[rule]]\naction = \"allow\"\n{}identity = \"{name}\"\npeer = \"{peer}\"\nports = [{list}]\nproto = \"{proto}\"\n\n",
+            if ingress { "direction = \"ingress\"\n" } else { "" }
+        ));
+        if let (Some((set, id)), false) = (nft_id, ingress) {
+            for p in ports {
+                nft.push((*set, format!("{proto} . {id} . {peer} . {p}")));
+            }
+        }
+    }
+    Filler {
+        identities,
+        rules,
+        nft,
+    }
+}
+
+/// The nftables equivalent of a [`Filler`] (egress allow-list, default drop) as one
+/// `nft -f` file that replaces table `inet ztbench` atomically.
+pub fn nft_ruleset(f: &Filler) -> String {
+    let mut s = String::with_capacity(f.nft.len() * 40 + 1024);
+    s.push_str("table inet ztbench\ndelete table inet ztbench\n");
+    s.push_str("table inet ztbench {\n");
+    for (set, key) in [("allow_uid", "meta skuid"), ("allow_gid", "meta skgid")] {
+        s.push_str(&format!(
+            "  set {set} {{\n    typeof meta l4proto . {key} . ip daddr . th dport\n    flags interval\n"
+        ));
+        let elems: Vec<&str> = f
+            .nft
+            .iter()
+            .filter(|(s, _)| *s == set)
+            .map(|(_, e)| e.as_str())
+            .collect();
+        if !elems.is_empty() {
+            s.push_str("    elements = {\n");
+            for e in elems {
+                s.push_str("      ");
+                s.push_str(e);
+                s.push_str(",\n");
+            }
+            s.push_str("    }\n");
+        }
+        s.push_str("  }\n");
+    }
+    s.push_str(
+        "  chain output {\n    type filter hook output priority 0; policy drop;\n    meta l4proto . meta skuid . ip daddr . th dport @allow_uid accept\n    meta l4proto . meta skgid . ip daddr . th dport @allow_gid accept\n  }\n}\n",
+    );
+    s
+}
