@@ -34,7 +34,7 @@ mod memory;
 mod net;
 mod rules;
 mod socket_hooks;
-// mod xdp_cost;
+mod xdp_cost;
 // mod xdp_wire;
 
 use std::{
@@ -96,7 +96,7 @@ pub struct Opts {
 fn scenarios(quick: bool) -> Vec<(&'static str, Box<dyn Scenario>)> {
     vec![
         ("socket", Box::new(socket_hooks::SocketHooks::new(quick))),
-        //        ("xdp", Box::new(xdp_cost::XdpCost::new(quick))),
+        ("xdp", Box::new(xdp_cost::XdpCost::new(quick))),
         //        ("wire", Box::new(xdp_wire::XdpWire::new(quick))),
         //        ("egress", Box::new(egress::Egress::new(quick))),
         ("apply", Box::new(apply::Apply::new(quick))),
