@@ -633,6 +633,11 @@ fn blast(
 /// See `Cmd::TcpSink`.
 fn tcp_sink(addr: SocketAddr) -> std::io::Result<()> {
     let listener = bind_tcp(addr)?;
+    // A deep accept queue: a full one drops SYNs, and the client waits a second to retry.
+    // SAFETY: listen(2) on our listening socket.
+    if unsafe { libc::listen(std::os::fd::AsRawFd::as_raw_fd(&listener), 4096) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
     println!("ready");
     let _ = std::io::stdout().flush();
     loop {

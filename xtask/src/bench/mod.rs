@@ -28,7 +28,7 @@
 
 mod apply;
 mod decision_cost;
-// mod egress;
+mod egress;
 mod events;
 mod memory;
 mod net;
@@ -98,7 +98,7 @@ fn scenarios(quick: bool) -> Vec<(&'static str, Box<dyn Scenario>)> {
         ("socket", Box::new(socket_hooks::SocketHooks::new(quick))),
         ("xdp", Box::new(xdp_cost::XdpCost::new(quick))),
         //        ("wire", Box::new(xdp_wire::XdpWire::new(quick))),
-        //        ("egress", Box::new(egress::Egress::new(quick))),
+        ("egress", Box::new(egress::Egress::new(quick))),
         ("apply", Box::new(apply::Apply::new(quick))),
         ("cost", Box::new(decision_cost::DecisionCost::new(quick))),
         ("events", Box::new(events::EventThroughput::new(quick))),
