@@ -35,7 +35,7 @@ mod net;
 mod rules;
 mod socket_hooks;
 mod xdp_cost;
-// mod xdp_wire;
+mod xdp_wire;
 
 use std::{
     fs::{self, File},
@@ -97,7 +97,7 @@ fn scenarios(quick: bool) -> Vec<(&'static str, Box<dyn Scenario>)> {
     vec![
         ("socket", Box::new(socket_hooks::SocketHooks::new(quick))),
         ("xdp", Box::new(xdp_cost::XdpCost::new(quick))),
-        //        ("wire", Box::new(xdp_wire::XdpWire::new(quick))),
+        ("wire", Box::new(xdp_wire::XdpWire::new(quick))),
         ("egress", Box::new(egress::Egress::new(quick))),
         ("apply", Box::new(apply::Apply::new(quick))),
         ("cost", Box::new(decision_cost::DecisionCost::new(quick))),

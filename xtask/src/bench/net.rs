@@ -6,8 +6,6 @@
 //! the latter remounts /sys, which hides bpffs (xdp-filter pins there) and the cgroup tree
 //! (nft resolves `socket cgroupv2` paths under /sys/fs/cgroup).
 
-#![allow(dead_code)] // TODO: used by the wire scenarios.
-
 use std::{
     path::{Path, PathBuf},
     process::{Command, Output, Stdio},
@@ -140,17 +138,6 @@ impl Netns {
         let t = Instant::now();
         output(self.command("nft").arg("-f").arg(file))?;
         Ok(t.elapsed())
-    }
-
-    /// Interface counters (`/sys/class/net/IF/statistics/NAME` as seen from inside).
-    pub fn counter(&self, iface: &str, name: &str) -> Result<u64> {
-        let text = self.cmd(
-            "cat",
-            &[&format!("/sys/class/net/{iface}/statistics/{name}")],
-        )?;
-        text.trim()
-            .parse()
-            .with_context(|| format!("{iface} {name}: {text:?}"))
     }
 
     /// A field of `/proc/net/snmp` in this namespace (e.g. `Udp`, `NoPorts`).
