@@ -123,6 +123,7 @@ impl Netns {
 
     /// Run `program args` inside the namespace; its stdout.
     pub fn cmd(&self, program: &str, args: &[&str]) -> Result<String> {
+        super::interrupted()?;
         let out = output(self.command(program).args(args))?;
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
@@ -135,6 +136,7 @@ impl Netns {
 
     /// `nft -f FILE` inside the namespace; the wall time it took.
     pub fn nft_file(&self, file: &Path) -> Result<Duration> {
+        super::interrupted()?;
         let t = Instant::now();
         output(self.command("nft").arg("-f").arg(file))?;
         Ok(t.elapsed())
