@@ -60,7 +60,7 @@ impl SocketHooks {
         }
         SocketHooks {
             tiers,
-            count: if quick { 2_000 } else { 20_000 },
+            count: if quick { 2_000 } else { 10_000 },
             variants: Box::leak(v.into_boxed_slice()),
             state: RefCell::new(None),
         }

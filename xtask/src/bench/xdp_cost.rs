@@ -289,6 +289,11 @@ impl Scenario for XdpCost {
         })
     }
 
+    /// The kernel's own timing over 1M runs is steady: 5 rounds keep the run under 5 min.
+    fn rounds(&self, default: usize) -> usize {
+        default.min(5)
+    }
+
     fn measure(&self, _env: &Env, _variant: &str) -> Result<Sample> {
         anyhow::bail!("xdp_cost is measured per round")
     }
