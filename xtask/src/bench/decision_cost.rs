@@ -233,6 +233,11 @@ impl Scenario for DecisionCost {
             .collect()
     }
 
+    /// 5 rounds (of the run's 7) keep the whole run under 5 minutes.
+    fn rounds(&self, default: usize) -> usize {
+        default.min(5)
+    }
+
     fn ratios(&self, m: &Medians) -> Vec<Ratio> {
         vec![
             m.ratio("events-on", "events-off"),

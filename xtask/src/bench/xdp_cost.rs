@@ -289,9 +289,9 @@ impl Scenario for XdpCost {
         })
     }
 
-    /// The kernel's own timing over 1M runs is steady: 5 rounds keep the run under 5 min.
+    /// The kernel's own timing over 1M runs is steady: 3 rounds keep the run under 5 min.
     fn rounds(&self, default: usize) -> usize {
-        default.min(5)
+        default.min(3)
     }
 
     fn measure(&self, _env: &Env, _variant: &str) -> Result<Sample> {
