@@ -26,12 +26,17 @@ use super::{median, ns, BenchCgroup, Env, Events, Medians, Ratio, Sample, Scenar
 /// event that reaches the daemon. A variant's figure of a round is the median of its REPS
 /// pairs. ztd's stdout goes to /dev/null: this is the decision path's cost, not the disk's
 /// (events_per_second compares the sinks).
-pub(super) struct DecisionCost;
+pub(super) struct DecisionCost {
+    /// Alternating (small, large) pairs per variant and round.
+    reps: usize,
+}
 
 impl DecisionCost {
-    /// Same sizes with `--quick` (one round of it takes a few seconds).
-    pub fn new(_quick: bool) -> DecisionCost {
-        DecisionCost
+    /// `--quick`: 2 pairs per round instead of 7.
+    pub fn new(quick: bool) -> DecisionCost {
+        DecisionCost {
+            reps: if quick { 2 } else { COST_REPS },
+        }
     }
 }
 
@@ -168,8 +173,9 @@ impl Scenario for DecisionCost {
 
     fn title(&self) -> String {
         format!(
-            "allowed UDP connect() to 127.0.0.1: no ztd, ztd without events, ztd --log-allowed (an event per connect), side by side in sibling cgroups; ns per connect = (wall({COST_LARGE}) - wall({COST_SMALL})) / {}, median of {COST_REPS} alternating pairs per round; ztd stdout -> /dev/null",
-            COST_LARGE - COST_SMALL
+            "allowed UDP connect() to 127.0.0.1: no ztd, ztd without events, ztd --log-allowed (an event per connect), side by side in sibling cgroups; ns per connect = (wall({COST_LARGE}) - wall({COST_SMALL})) / {}, median of {} alternating pairs per round; ztd stdout -> /dev/null",
+            COST_LARGE - COST_SMALL,
+            self.reps
         )
     }
 
@@ -188,7 +194,7 @@ impl Scenario for DecisionCost {
             "small": COST_SMALL,
             "small_addr": COST_SMALL_ADDR,
             "port_spread": "= count (every connect of a run to its own port)",
-            "reps_per_round": COST_REPS,
+            "reps_per_round": self.reps,
             "policy": ALLOW_UDP_LOOPBACK,
             "ztd_stdout": "/dev/null",
         })
@@ -216,7 +222,7 @@ impl Scenario for DecisionCost {
                 .with_context(|| format!("variant `{v}`: warm-up"))?;
         }
         let n = lanes.len();
-        for rep in 0..COST_REPS {
+        for rep in 0..self.reps {
             for i in 0..n {
                 let lane = &mut lanes[(i + rep) % n];
                 let v = lane.variant;

@@ -14,12 +14,17 @@ use super::{
 /// variants differ in where ztd's stdout (one line per event) goes: a file under
 /// target/bench, or /dev/null. The baseline for the rate is the kernel's: the events the
 /// flood produced per second of flood.
-pub(super) struct EventThroughput;
+pub(super) struct EventThroughput {
+    /// Connects per flood.
+    count: u64,
+}
 
 impl EventThroughput {
-    /// Same sizes with `--quick` (one round of it takes a few seconds).
-    pub fn new(_quick: bool) -> EventThroughput {
-        EventThroughput
+    /// `--quick`: floods of 20,000 instead of 100,000.
+    pub fn new(quick: bool) -> EventThroughput {
+        EventThroughput {
+            count: if quick { 20_000 } else { EPS_COUNT },
+        }
     }
 }
 
@@ -34,7 +39,8 @@ impl Scenario for EventThroughput {
 
     fn title(&self) -> String {
         format!(
-            "decision events delivered per second, end to end: ztd --log-allowed --history 100000, {EPS_COUNT} allowed UDP connects over {EPS_SPREAD} ports; from flood start until drained"
+            "decision events delivered per second, end to end: ztd --log-allowed --history 100000, {} allowed UDP connects over {EPS_SPREAD} ports; from flood start until drained",
+            self.count
         )
     }
 
@@ -48,7 +54,7 @@ impl Scenario for EventThroughput {
 
     fn config(&self) -> Value {
         json!({
-            "count": EPS_COUNT,
+            "count": self.count,
             "port_spread": EPS_SPREAD,
             "addr": EPS_ADDR,
             "ztd_flags": ["--log-allowed", "--history", "100000"],
@@ -81,7 +87,7 @@ impl Scenario for EventThroughput {
         env.flood_ok(&cgroup.path, "127.0.0.1:60000", 100, 100)?;
         let (before, _) = ztd.drained()?;
 
-        let flood = env.flood_ok(&cgroup.path, EPS_ADDR, EPS_COUNT, EPS_SPREAD)?;
+        let flood = env.flood_ok(&cgroup.path, EPS_ADDR, self.count, EPS_SPREAD)?;
         let flood_wall = flood.wall;
         let (after, seen) = ztd.drained()?;
         let elapsed = seen.duration_since(flood.started);
@@ -99,15 +105,17 @@ impl Scenario for EventThroughput {
         );
         let d = after.since(&before);
         ensure!(
-            d.allowed == EPS_COUNT,
-            "the kernel counted {} allowed decisions for {EPS_COUNT} connects",
-            d.allowed
+            d.allowed == self.count,
+            "the kernel counted {} allowed decisions for {} connects",
+            d.allowed,
+            self.count
         );
         ensure!(
-            d.produced + d.suppressed == EPS_COUNT,
-            "ACCOUNTING BROKEN: {} produced + {} suppressed events for {EPS_COUNT} allowed connects with --log-allowed: {}",
+            d.produced + d.suppressed == self.count,
+            "ACCOUNTING BROKEN: {} produced + {} suppressed events for {} allowed connects with --log-allowed: {}",
             d.produced,
             d.suppressed,
+            self.count,
             st["events"]
         );
         println!(

@@ -298,14 +298,14 @@ fn run_scenario(env: &Env, sc: &dyn Scenario, rounds: usize) -> Result<Value> {
     let variants = sc.variants();
     println!();
     println!("==> bench {}: {}", sc.id(), sc.title());
-    let busy = cpu_busy(Duration::from_secs(1));
+    let busy = cpu_busy(Duration::from_millis(if env.quick { 200 } else { 1000 }));
     if busy > BUSY_WARN {
         println!(
-            "  WARNING: the machine was {:.0}% busy in the second before this scenario (other work running?): expect noisy figures",
+            "  WARNING: the machine was {:.0}% busy just before this scenario (other work running?): expect noisy figures",
             busy * 100.0
         );
     } else {
-        println!("  machine {:.0}% busy in the second before", busy * 100.0);
+        println!("  machine {:.0}% busy just before", busy * 100.0);
     }
     let load_before = loadavg();
     let mut samples: Vec<(&'static str, Vec<Sample>)> =
@@ -1234,6 +1234,14 @@ fn ns(d: Duration) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn skipped_samples_are_left_out_of_medians() {
+        let s = Sample::skipped("no tool");
+        assert_eq!(s.skip_reason(), Some("no tool"));
+        assert_eq!(median(&[s.value, 3.0, 1.0]), 2.0);
+        assert!(median(&[f64::NAN]).is_nan());
+    }
 
     #[test]
     fn medians_of_odd_and_even_counts() {

@@ -197,3 +197,25 @@ pub fn nft_cgroup(cgroup2_root: &Path, cgroup: &Path) -> Option<(String, usize)>
     let level = cgroup.strip_prefix(cgroup2_root).ok()?.components().count();
     Some((rel.display().to_string(), level))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nft_cgroup_paths_are_relative_to_sys_fs_cgroup() {
+        let root = Path::new("/sys/fs/cgroup/unified");
+        assert_eq!(
+            nft_cgroup(
+                root,
+                Path::new("/sys/fs/cgroup/unified/zt-bench-1/egress-nft")
+            ),
+            Some(("unified/zt-bench-1/egress-nft".to_string(), 2))
+        );
+        assert_eq!(
+            nft_cgroup(Path::new("/sys/fs/cgroup"), Path::new("/sys/fs/cgroup/a")),
+            Some(("a".to_string(), 1))
+        );
+        assert_eq!(nft_cgroup(Path::new("/cg"), Path::new("/cg/a")), None);
+    }
+}

@@ -158,3 +158,40 @@ pub fn nft_ruleset(f: &Filler) -> String {
     s.push_str("  }\n}\n");
     s
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn filler_rules_and_their_nft_equivalent() {
+        let f = filler(16, Kinds::UidGid, "", 0);
+        assert_eq!(f.rules.matches("[[rule]]").count(), 16);
+        assert_eq!(f.identities.matches("[identity.").count(), 40);
+        // Every egress rule becomes one element per port item.
+        let items: usize = (0..16).map(|i| PORT_SETS[i % PORT_SETS.len()].len()).sum();
+        assert_eq!(f.nft.len(), items);
+        let nft = nft_ruleset(&f);
+        assert!(nft.starts_with("table inet ztbench\ndelete table inet ztbench\n"));
+        assert!(nft.contains("set skuid_2000_tcp {"));
+        assert!(nft.contains(
+            "meta l4proto tcp meta skuid 2000 ip daddr . th dport @skuid_2000_tcp accept"
+        ));
+        assert!(nft.contains("10.0.0.1/32 . 53"));
+        // Ingress rules and cgroup identities have no nft element.
+        let g = filler(10, Kinds::UidGidCgroup, "x", 5);
+        assert_eq!(g.rules.matches("direction = \"ingress\"").count(), 2);
+        assert!(g.identities.contains("cgroup = \"x/ghost-0\""));
+    }
+
+    #[test]
+    fn cidrs_are_distinct_and_not_nested() {
+        assert_eq!(cidr(0), "10.0.0.1/32");
+        assert_eq!(cidr(7), "11.0.0.0/24");
+        assert_eq!(cidr(15), "11.0.1.0/24");
+        let all: std::collections::BTreeSet<String> = (0..100_000).map(cidr).collect();
+        assert_eq!(all.len(), 100_000);
+        assert_eq!(short(100_000), "100k");
+        assert_eq!(short(10), "10");
+    }
+}
