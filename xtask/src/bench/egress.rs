@@ -28,7 +28,7 @@ use super::{
 };
 
 const PORT: u16 = 5000;
-const REPS: usize = 3;
+const REPS: usize = 5;
 /// Filler identities (uids) and peers of the allow-list besides the bench's own.
 const FILL_UIDS: u32 = 20;
 const FILL_PEERS: usize = 200;
