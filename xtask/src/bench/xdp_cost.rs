@@ -98,11 +98,15 @@ impl Drop for Helper {
     }
 }
 
-/// `xdp-filter unload IFACE` in the namespace on drop.
+/// `xdp-filter unload IFACE` in the namespace on drop; and libxdp's working directory
+/// (`/sys/fs/bpf/xdp`) removed again if this run made it and it is empty.
 struct XdpFilterGuard {
     netns: String,
     iface: String,
+    made_libxdp_dir: bool,
 }
+
+const LIBXDP_DIR: &str = "/sys/fs/bpf/xdp";
 
 impl Drop for XdpFilterGuard {
     fn drop(&mut self) {
@@ -113,6 +117,10 @@ impl Drop for XdpFilterGuard {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status();
+        if self.made_libxdp_dir {
+            // Fails, harmlessly, if anything else is in it.
+            let _ = std::fs::remove_dir(LIBXDP_DIR);
+        }
     }
 }
 
@@ -160,6 +168,7 @@ impl XdpCost {
         let guard = XdpFilterGuard {
             netns: ns.name.clone(),
             iface: "xa".into(),
+            made_libxdp_dir: !std::path::Path::new(LIBXDP_DIR).exists(),
         };
         ns.cmd("xdp-filter", &["load", "xa", "-m", "skb"])
             .map_err(|e| format!("xdp-filter load failed: {e:#}"))?;
