@@ -42,7 +42,7 @@ impl DecisionCost {
 
 const COST_LARGE: u64 = 25_000;
 const COST_SMALL: u64 = 1_000;
-const COST_REPS: usize = 7;
+const COST_REPS: usize = 5;
 const COST_LARGE_ADDR: &str = "127.0.0.1:1024";
 const COST_SMALL_ADDR: &str = "127.0.0.1:40000";
 const COST_WARMUP_ADDR: &str = "127.0.0.1:60000";
