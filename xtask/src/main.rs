@@ -4,7 +4,7 @@
 //! - `ZT_NIGHTLY`: toolchain that setup checks for the eBPF build (default `nightly`);
 //! - `ZT_BPF_LINKER_ROOT`: install/use bpf-linker under this root instead of `~/.cargo`;
 //! - `ZT_TEST_THREADS`: `--test-threads` of `cargo xtask test` (default 2);
-//! - `ZT_BENCH_ROUNDS`: rounds per scenario of `cargo xtask bench` (default 7).
+//! - `ZT_BENCH_ROUNDS`: rounds per scenario of `cargo xtask bench` (default 7, `--quick` 1).
 
 mod bench;
 mod install;
@@ -46,7 +46,15 @@ enum Cmd {
     },
     /// setup, build, then the benchmarks (needs root; see BENCHMARKS.md); results in
     /// target/bench/results.json.
-    Bench,
+    Bench {
+        /// Reduced sizes (rule counts 1, 2, 5), 1 round, no targets: the CI smoke test.
+        #[arg(long)]
+        quick: bool,
+        /// Run only this scenario (repeatable): socket, xdp, wire, egress, apply, cost,
+        /// events, memory (or a scenario id).
+        #[arg(long, value_name = "SCENARIO")]
+        only: Vec<String>,
+    },
     /// setup, release build, then install ztd, ztctl, the systemd unit, man pages and
     /// completions under PREFIX, and the default policy and ztd.toml under ETC/zt when
     /// absent (never overwritten). Starts nothing.
@@ -89,7 +97,7 @@ fn dispatch(cmd: Cmd) -> Result<u8> {
         }
         Cmd::Test => tasks::test(&ctx()?)?,
         Cmd::Run { ztd_args } => return run::run(&ctx()?, ztd_args),
-        Cmd::Bench => bench::bench(&ctx()?)?,
+        Cmd::Bench { quick, only } => bench::bench(&ctx()?, &bench::Opts { quick, only })?,
         Cmd::Install { prefix, etc } => install::install_task(&ctx()?, &prefix, &etc)?,
         Cmd::Deb => install::deb_task(&ctx()?)?,
         Cmd::CheckPackaging => {

@@ -166,6 +166,16 @@ pub fn test(ctx: &Ctx) -> Result<()> {
             tally.set(Some(c));
             result
         }),
+        // Last: every benchmark scenario runs end to end with reduced sizes (no thresholds).
+        step("bench --quick (smoke test)", |ctx| {
+            crate::bench::bench(
+                ctx,
+                &crate::bench::Opts {
+                    quick: true,
+                    only: Vec::new(),
+                },
+            )
+        }),
     ];
 
     let total = steps.len();

@@ -33,6 +33,14 @@ enum Proto {
     Udp,
 }
 
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum FloodOp {
+    Connect,
+    Sendto,
+    Bind,
+    Handshake,
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Make one call and print its outcome.
@@ -161,6 +169,35 @@ enum Cmd {
         /// Stay alive this long (ms) after printing the counts.
         #[arg(long, default_value_t = 0)]
         linger_ms: u64,
+        /// The call looped (the bench): `connect` (default), `sendto` (UDP, one unconnected
+        /// socket; port 0 in ADDR: to a socket the probe binds on ADDR's IP first), `bind`
+        /// (UDP socket, bind, close per call) or `handshake` (TCP, blocking connect and an
+        /// abortive close, so no TIME_WAIT is left). The loop's time is printed as `ns=`.
+        #[arg(long, value_enum, default_value = "connect")]
+        op: FloodOp,
+    },
+    /// Send spoofed-source UDP datagrams (a raw IP socket, `sendmmsg` in batches of 64) to
+    /// DST:DPORT for DURATION_MS, the source cycling over SRC_COUNT addresses from SRC_BASE
+    /// in steps of SRC_STEP; print `sent=N ns=T` (the bench's wire load).
+    Blast {
+        #[arg(long)]
+        dst: std::net::Ipv4Addr,
+        #[arg(long)]
+        dport: u16,
+        #[arg(long)]
+        src_base: std::net::Ipv4Addr,
+        #[arg(long, default_value_t = 1)]
+        src_count: u32,
+        #[arg(long, default_value_t = 1)]
+        src_step: u32,
+        #[arg(long)]
+        duration_ms: u64,
+    },
+    /// Accept TCP connections on ADDR and close them at once, until killed (the bench's
+    /// connect-rate peer); prints `ready` once listening.
+    TcpSink {
+        #[arg(long)]
+        addr: SocketAddr,
     },
     /// Loop UDP `connect()`s (one socket, no packet sent) over every address of ADDR_LIST
     /// until DURATION_MS has passed or stdin is closed (or gets a line), counting each
@@ -350,15 +387,48 @@ fn main() {
             cgroup,
             uid,
             linger_ms,
+            op,
         } => {
             if let Err(e) = enter(cgroup, None, None, uid, None) {
                 println!("error:setup:{e}");
                 return;
             }
-            let (eperm, ok, other) = flood(proto, addr, count, port_spread);
-            println!("eperm={eperm} ok={ok} other={other}");
+            let t = std::time::Instant::now();
+            let (eperm, ok, other) = match op {
+                FloodOp::Connect => flood(proto, addr, count, port_spread),
+                other => flood_op(other, addr, count, port_spread),
+            };
+            let ns = t.elapsed().as_nanos();
+            println!("eperm={eperm} ok={ok} other={other} ns={ns}");
             let _ = std::io::stdout().flush();
             std::thread::sleep(Duration::from_millis(linger_ms));
+        }
+        Cmd::Blast {
+            dst,
+            dport,
+            src_base,
+            src_count,
+            src_step,
+            duration_ms,
+        } => match blast(
+            dst,
+            dport,
+            src_base,
+            src_count,
+            src_step,
+            Duration::from_millis(duration_ms),
+        ) {
+            Ok((sent, ns)) => println!("sent={sent} ns={ns}"),
+            Err(e) => {
+                println!("error:blast:{e}");
+                std::process::exit(1);
+            }
+        },
+        Cmd::TcpSink { addr } => {
+            if let Err(e) = tcp_sink(addr) {
+                println!("error:listen:{e}");
+                std::process::exit(1);
+            }
         }
         Cmd::Load {
             addr_list,
@@ -386,6 +456,193 @@ fn main() {
                 return;
             }
             hold_tcp(addr, Duration::from_millis(timeout_ms.max(1)));
+        }
+    }
+}
+
+/// `Cmd::Flood` with `--op sendto|bind|handshake`: `(eperm, ok, other)`.
+fn flood_op(op: FloodOp, addr: SocketAddr, count: u64, spread: u16) -> (u64, u64, u64) {
+    use std::os::fd::AsRawFd;
+    let domain = if addr.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
+    let spread = u64::from(spread.max(1));
+    let (mut eperm, mut ok, mut other) = (0u64, 0u64, 0u64);
+    let mut tally = |r: nix::Result<()>| match r {
+        Ok(()) => ok += 1,
+        Err(nix::errno::Errno::EPERM) => eperm += 1,
+        Err(_) => other += 1,
+    };
+    let port_of = |i: u64| (u64::from(addr.port()) + i % spread).min(65535) as u16;
+    match op {
+        FloodOp::Connect => return flood(Proto::Udp, addr, count, spread as u16),
+        FloodOp::Sendto => {
+            let Ok(fd) = socket(domain, libc::SOCK_DGRAM) else {
+                return (0, 0, count);
+            };
+            // Port 0: to our own socket (no ICMP port-unreachable per datagram).
+            let (sink, target) = if addr.port() == 0 {
+                match bind_udp(SocketAddr::new(addr.ip(), 0)).and_then(|s| {
+                    let a = s.local_addr()?;
+                    Ok((s, a))
+                }) {
+                    Ok((s, a)) => (Some(s), a),
+                    Err(_) => return (0, 0, count),
+                }
+            } else {
+                (None, addr)
+            };
+            let sweep = if sink.is_some() { 1 } else { spread };
+            for i in 0..count {
+                let port = (u64::from(target.port()) + i % sweep).min(65535) as u16;
+                let to =
+                    nix::sys::socket::SockaddrStorage::from(SocketAddr::new(target.ip(), port));
+                let r = nix::sys::socket::sendto(
+                    fd.as_raw_fd(),
+                    b"z",
+                    &to,
+                    nix::sys::socket::MsgFlags::empty(),
+                );
+                tally(r.map(|_| ()));
+            }
+            drop(sink);
+        }
+        FloodOp::Bind => {
+            for i in 0..count {
+                let at =
+                    nix::sys::socket::SockaddrStorage::from(SocketAddr::new(addr.ip(), port_of(i)));
+                match socket(domain, libc::SOCK_DGRAM) {
+                    Ok(fd) => tally(nix::sys::socket::bind(fd.as_raw_fd(), &at)),
+                    Err(_) => tally(Err(nix::errno::Errno::EBADF)),
+                }
+            }
+        }
+        FloodOp::Handshake => {
+            for i in 0..count {
+                let to =
+                    nix::sys::socket::SockaddrStorage::from(SocketAddr::new(addr.ip(), port_of(i)));
+                match socket(domain, libc::SOCK_STREAM) {
+                    Ok(fd) => {
+                        let r = nix::sys::socket::connect(fd.as_raw_fd(), &to);
+                        // Abortive close: an RST, no TIME_WAIT to exhaust the ports.
+                        let _ = nix::sys::socket::setsockopt(
+                            &fd,
+                            nix::sys::socket::sockopt::Linger,
+                            &libc::linger {
+                                l_onoff: 1,
+                                l_linger: 0,
+                            },
+                        );
+                        tally(r);
+                    }
+                    Err(_) => tally(Err(nix::errno::Errno::EBADF)),
+                }
+            }
+        }
+    }
+    (eperm, ok, other)
+}
+
+/// See `Cmd::Blast`: datagrams sent, and the time it took.
+fn blast(
+    dst: std::net::Ipv4Addr,
+    dport: u16,
+    src_base: std::net::Ipv4Addr,
+    src_count: u32,
+    src_step: u32,
+    duration: Duration,
+) -> std::io::Result<(u64, u128)> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    const BATCH: usize = 64;
+    const LEN: usize = 20 + 8 + 18;
+    // SAFETY: plain socket(2); owned right away.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_INET,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            libc::IPPROTO_RAW,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fd is new and valid.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let base = u32::from(src_base);
+    let count = src_count.max(1);
+    let mut packets = vec![[0u8; LEN]; BATCH];
+    let mut next = 0u32;
+    let fill = |p: &mut [u8; LEN], src: u32| {
+        p[0] = 0x45;
+        p[2..4].copy_from_slice(&(LEN as u16).to_be_bytes());
+        p[8] = 64;
+        p[9] = libc::IPPROTO_UDP as u8;
+        p[12..16].copy_from_slice(&src.to_be_bytes());
+        p[16..20].copy_from_slice(&dst.octets());
+        p[20..22].copy_from_slice(&40000u16.to_be_bytes());
+        p[22..24].copy_from_slice(&dport.to_be_bytes());
+        p[24..26].copy_from_slice(&((LEN - 20) as u16).to_be_bytes());
+        // UDP checksum 0: none (IPv4); the kernel fills in the IP header checksum.
+    };
+    // SAFETY: zeroed sockaddr_in is a valid value.
+    let mut to: libc::sockaddr_in = unsafe { std::mem::zeroed() };
+    to.sin_family = libc::AF_INET as libc::sa_family_t;
+    to.sin_addr.s_addr = u32::from(dst).to_be();
+    let start = std::time::Instant::now();
+    let mut sent = 0u64;
+    while start.elapsed() < duration {
+        for p in packets.iter_mut() {
+            fill(p, base.wrapping_add((next % count).wrapping_mul(src_step)));
+            next = next.wrapping_add(1);
+        }
+        let mut iov: Vec<libc::iovec> = packets
+            .iter_mut()
+            .map(|p| libc::iovec {
+                iov_base: p.as_mut_ptr().cast(),
+                iov_len: LEN,
+            })
+            .collect();
+        let mut msgs: Vec<libc::mmsghdr> = iov
+            .iter_mut()
+            .map(|v| {
+                // SAFETY: zeroed msghdr is valid; the pointers outlive the call below.
+                let mut h: libc::mmsghdr = unsafe { std::mem::zeroed() };
+                h.msg_hdr.msg_name = (&mut to as *mut libc::sockaddr_in).cast();
+                h.msg_hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as u32;
+                h.msg_hdr.msg_iov = v;
+                h.msg_hdr.msg_iovlen = 1;
+                h
+            })
+            .collect();
+        // SAFETY: msgs/iov/packets/to are valid for the call.
+        let n = unsafe { libc::sendmmsg(fd.as_raw_fd(), msgs.as_mut_ptr(), BATCH as u32, 0) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::ENOBUFS) {
+                continue;
+            }
+            return Err(e);
+        }
+        sent += n as u64;
+    }
+    Ok((sent, start.elapsed().as_nanos()))
+}
+
+/// See `Cmd::TcpSink`.
+fn tcp_sink(addr: SocketAddr) -> std::io::Result<()> {
+    let listener = bind_tcp(addr)?;
+    // A deep accept queue: a full one drops SYNs, and the client waits a second to retry.
+    // SAFETY: listen(2) on our listening socket.
+    if unsafe { libc::listen(std::os::fd::AsRawFd::as_raw_fd(&listener), 4096) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    println!("ready");
+    let _ = std::io::stdout().flush();
+    loop {
+        if let Ok((s, _)) = listener.accept() {
+            drop(s);
         }
     }
 }

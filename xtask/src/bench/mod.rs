@@ -15,7 +15,27 @@
 //! is attached to an interface. Guards run `ztctl unload`, stop ztd (by pid) and remove the
 //! cgroups on every exit path, errors and Ctrl-C included.
 //!
-//! Environment: `ZT_BENCH_ROUNDS` (default 7).
+//! Scenarios that need a network live in network namespaces made for the run
+//! (`zt-bench-<pid>-*`, removed by their guard), and nftables rulesets are loaded only inside
+//! those namespaces. One file per scenario; the shared machinery (cgroups, ztd, namespaces,
+//! nft, the probe) lives here and in [`net`].
+//!
+//! `--quick` (the CI smoke test) runs every scenario with reduced sizes — rule counts of 1, 2
+//! and 5 instead of the full tiers, 1 round, short loops — and checks nothing but that each
+//! ran; `--only ID` (repeatable) runs the named scenarios.
+//!
+//! Environment: `ZT_BENCH_ROUNDS` (default 7; `--quick`: 1).
+
+mod apply;
+mod decision_cost;
+mod egress;
+mod events;
+mod memory;
+mod net;
+mod rules;
+mod socket_hooks;
+mod xdp_cost;
+mod xdp_wire;
 
 use std::{
     fs::{self, File},
@@ -52,19 +72,38 @@ fn interrupted() -> Result<()> {
     Ok(())
 }
 
-fn rounds() -> Result<usize> {
+fn rounds(quick: bool) -> Result<usize> {
     match std::env::var("ZT_BENCH_ROUNDS") {
         Ok(n) if !n.is_empty() => match n.parse::<usize>() {
             Ok(v) if v > 0 => Ok(v),
             _ => bail!("ZT_BENCH_ROUNDS must be a positive integer, not {n:?}"),
         },
+        _ if quick => Ok(1),
         _ => Ok(DEFAULT_ROUNDS),
     }
 }
 
-/// The scenarios `cargo xtask bench` runs, in order.
-fn scenarios() -> Vec<Box<dyn Scenario>> {
-    vec![Box::new(DecisionCost), Box::new(EventThroughput)]
+/// What `cargo xtask bench` was asked for.
+#[derive(Clone, Debug, Default)]
+pub struct Opts {
+    /// Reduced sizes, 1 round: the CI smoke test.
+    pub quick: bool,
+    /// Only these scenarios (ids or their short names); all when empty.
+    pub only: Vec<String>,
+}
+
+/// The scenarios `cargo xtask bench` runs, in order: (short name for `--only`, scenario).
+fn scenarios(quick: bool) -> Vec<(&'static str, Box<dyn Scenario>)> {
+    vec![
+        ("socket", Box::new(socket_hooks::SocketHooks::new(quick))),
+        ("xdp", Box::new(xdp_cost::XdpCost::new(quick))),
+        ("wire", Box::new(xdp_wire::XdpWire::new(quick))),
+        ("egress", Box::new(egress::Egress::new(quick))),
+        ("apply", Box::new(apply::Apply::new(quick))),
+        ("cost", Box::new(decision_cost::DecisionCost::new(quick))),
+        ("events", Box::new(events::EventThroughput::new(quick))),
+        ("memory", Box::new(memory::Memory::new(quick))),
+    ]
 }
 
 // -------------------------------------------------------------------------------------------
@@ -75,6 +114,35 @@ fn scenarios() -> Vec<Box<dyn Scenario>> {
 struct Sample {
     value: f64,
     detail: Map<String, Value>,
+}
+
+impl Sample {
+    fn new(value: f64) -> Sample {
+        Sample {
+            value,
+            detail: Map::new(),
+        }
+    }
+
+    /// A variant that cannot run here (a tool missing or refused by this kernel): no figure,
+    /// and the reason, in the table and in results.json.
+    fn skipped(reason: impl Into<String>) -> Sample {
+        let mut detail = Map::new();
+        detail.insert("skipped".into(), Value::String(reason.into()));
+        Sample {
+            value: f64::NAN,
+            detail,
+        }
+    }
+
+    fn with(mut self, key: &str, value: impl Into<Value>) -> Sample {
+        self.detail.insert(key.into(), value.into());
+        self
+    }
+
+    fn skip_reason(&self) -> Option<&str> {
+        self.detail.get("skipped").and_then(Value::as_str)
+    }
 }
 
 /// A benchmark scenario.
@@ -107,6 +175,33 @@ trait Scenario {
     }
     /// Ratios between the variants' medians.
     fn ratios(&self, medians: &Medians) -> Vec<Ratio>;
+    /// Rounds this scenario runs when the run's default is `default` (deterministic or slow
+    /// scenarios run fewer).
+    fn rounds(&self, default: usize) -> usize {
+        default
+    }
+    /// Targets of the issue, checked against the medians: (what, met, measured). Reported,
+    /// never enforced (no thresholds in CI).
+    fn targets(&self, _medians: &Medians) -> Vec<Target> {
+        Vec::new()
+    }
+}
+
+/// A target of the issue and whether this run met it.
+struct Target {
+    what: String,
+    met: bool,
+    measured: String,
+}
+
+impl Target {
+    fn new(what: impl Into<String>, met: bool, measured: impl Into<String>) -> Target {
+        Target {
+            what: what.into(),
+            met,
+            measured: measured.into(),
+        }
+    }
 }
 
 /// A ratio between two medians; for two variants' figures, also the median, min and max of
@@ -175,11 +270,12 @@ impl Medians<'_> {
     }
 }
 
+/// Median of the figures (skipped ones, NaN, left out).
 fn median(values: &[f64]) -> f64 {
-    if values.is_empty() {
+    let mut v: Vec<f64> = values.iter().copied().filter(|v| !v.is_nan()).collect();
+    if v.is_empty() {
         return f64::NAN;
     }
-    let mut v = values.to_vec();
     v.sort_by(f64::total_cmp);
     let n = v.len();
     if n % 2 == 1 {
@@ -202,14 +298,14 @@ fn run_scenario(env: &Env, sc: &dyn Scenario, rounds: usize) -> Result<Value> {
     let variants = sc.variants();
     println!();
     println!("==> bench {}: {}", sc.id(), sc.title());
-    let busy = cpu_busy(Duration::from_secs(1));
+    let busy = cpu_busy(Duration::from_millis(if env.quick { 200 } else { 1000 }));
     if busy > BUSY_WARN {
         println!(
-            "  WARNING: the machine was {:.0}% busy in the second before this scenario (other work running?): expect noisy figures",
+            "  WARNING: the machine was {:.0}% busy just before this scenario (other work running?): expect noisy figures",
             busy * 100.0
         );
     } else {
-        println!("  machine {:.0}% busy in the second before", busy * 100.0);
+        println!("  machine {:.0}% busy just before", busy * 100.0);
     }
     let load_before = loadavg();
     let mut samples: Vec<(&'static str, Vec<Sample>)> =
@@ -226,12 +322,18 @@ fn run_scenario(env: &Env, sc: &dyn Scenario, rounds: usize) -> Result<Value> {
             .with_context(|| format!("bench {}: round {}/{rounds}", sc.id(), round + 1))?;
         let secs = t.elapsed().as_secs_f64();
         for (variant, s) in measured {
-            println!(
-                "    round {}/{rounds} {variant:<14} {:>12.1} {}",
-                round + 1,
-                s.value,
-                sc.unit(),
-            );
+            match s.skip_reason() {
+                Some(why) => println!(
+                    "    round {}/{rounds} {variant:<22} skipped: {why}",
+                    round + 1
+                ),
+                None => println!(
+                    "    round {}/{rounds} {variant:<22} {:>12.1} {}",
+                    round + 1,
+                    s.value,
+                    sc.unit(),
+                ),
+            }
             let idx = variants
                 .iter()
                 .position(|v| *v == variant)
@@ -252,8 +354,14 @@ fn run_scenario(env: &Env, sc: &dyn Scenario, rounds: usize) -> Result<Value> {
     let load_after = loadavg();
     let medians = Medians { samples: &samples };
     let ratios = sc.ratios(&medians);
+    // Targets are for full runs; --quick sizes say nothing about them.
+    let targets = if env.quick {
+        Vec::new()
+    } else {
+        sc.targets(&medians)
+    };
     println!(
-        "  {:<14} {:>12} {:>12} {:>12}   ({}, {rounds} rounds)",
+        "  {:<22} {:>12} {:>12} {:>12}   ({}, {rounds} rounds)",
         "variant",
         "median",
         "min",
@@ -265,8 +373,13 @@ fn run_scenario(env: &Env, sc: &dyn Scenario, rounds: usize) -> Result<Value> {
         let values: Vec<f64> = s.iter().map(|s| s.value).collect();
         let (lo, hi) = min_max(&values);
         let med = median(&values);
-        println!("  {name:<14} {med:>12.1} {lo:>12.1} {hi:>12.1}");
+        let skipped = s.iter().find_map(Sample::skip_reason);
+        match skipped {
+            Some(why) if med.is_nan() => println!("  {name:<22} skipped: {why}"),
+            _ => println!("  {name:<22} {med:>12.1} {lo:>12.1} {hi:>12.1}"),
+        }
         out_variants.push(json!({
+            "skipped": skipped,
             "name": name,
             "median": med,
             "min": lo,
@@ -283,6 +396,14 @@ fn run_scenario(env: &Env, sc: &dyn Scenario, rounds: usize) -> Result<Value> {
             ),
             None => println!("  ratio {:<44} {:>7.3}", r.name, r.value),
         }
+    }
+    for t in &targets {
+        println!(
+            "  target {:<50} {}  (measured: {})",
+            t.what,
+            if t.met { "MET" } else { "MISSED" },
+            t.measured
+        );
     }
     println!(
         "  load average (1 min) {load_before:.2} before, {load_after:.2} after: figures are only comparable on an otherwise idle machine"
@@ -301,28 +422,47 @@ fn run_scenario(env: &Env, sc: &dyn Scenario, rounds: usize) -> Result<Value> {
             "of_medians": r.value,
             "per_round": r.per_round.map(|(med, lo, hi)| json!({ "median": med, "min": lo, "max": hi })),
         })).collect::<Vec<_>>(),
+        "targets": targets.iter().map(|t| json!({
+            "target": t.what,
+            "met": t.met,
+            "measured": t.measured,
+        })).collect::<Vec<_>>(),
     }))
 }
 
-pub fn bench(ctx: &Ctx) -> Result<()> {
+pub fn bench(ctx: &Ctx, opts: &Opts) -> Result<()> {
     let started = Instant::now();
+    let all = scenarios(opts.quick);
+    for name in &opts.only {
+        ensure!(
+            all.iter()
+                .any(|(short, sc)| short == name || sc.id() == name),
+            "--only {name}: no such scenario; known: {}",
+            all.iter()
+                .map(|(short, sc)| format!("{short} ({})", sc.id()))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
     setup::setup(ctx)?;
+    net::ensure_tools();
     tasks::build(ctx)?;
     util::require_root("cargo xtask bench (ztd, cgroups, bpffs)")?;
     util::ensure_bpffs()?;
-    let rounds = rounds()?;
+    let rounds = rounds(opts.quick)?;
     ctrlc::set_handler(|| {
         eprintln!("bench: interrupted; cleaning up");
         INTERRUPTED.store(true, Ordering::SeqCst);
     })
     .context("installing the Ctrl-C handler")?;
 
-    let env = Env::new(ctx)?;
+    let env = Env::new(ctx, opts.quick)?;
     env.check_probe()?;
     let machine = machine();
     println!();
     println!(
-        "bench: {rounds} interleaved rounds per scenario; kernel {}, {} CPUs ({}); cgroups under {}; pins /sys/fs/bpf/{tag}-*; sockets /tmp/{tag}-*.sock",
+        "bench{}: {rounds} interleaved rounds per scenario; kernel {}, {} CPUs ({}); cgroups under {}; pins /sys/fs/bpf/{tag}-*; sockets /tmp/{tag}-*.sock; netns {tag}-*",
+        if opts.quick { " --quick (reduced sizes, no targets)" } else { "" },
         machine["kernel"].as_str().unwrap_or("?"),
         machine["cpus"],
         machine["cpu_model"].as_str().unwrap_or("?"),
@@ -331,14 +471,37 @@ pub fn bench(ctx: &Ctx) -> Result<()> {
     );
 
     let mut results = Vec::new();
-    for sc in scenarios() {
-        results.push(run_scenario(&env, sc.as_ref(), rounds)?);
+    let mut failed = Vec::new();
+    for (short, sc) in all {
+        if !opts.only.is_empty() && !opts.only.iter().any(|o| o == short || o == sc.id()) {
+            continue;
+        }
+        let n = sc.rounds(rounds);
+        let t = Instant::now();
+        match run_scenario(&env, sc.as_ref(), n) {
+            Ok(mut v) => {
+                v["seconds"] = json!(t.elapsed().as_secs_f64());
+                results.push(v);
+            }
+            Err(e) => {
+                println!("  FAILED: {e:#}");
+                failed.push(format!("{}: {e:#}", sc.id()));
+                results
+                    .push(json!({ "id": sc.id(), "title": sc.title(), "error": format!("{e:#}") }));
+            }
+        }
+        // The scenario's daemons, namespaces and tables go now, not at the end of the run.
+        drop(sc);
+        if INTERRUPTED.load(Ordering::SeqCst) {
+            break;
+        }
     }
 
     let doc = json!({
         "machine": machine,
         "unix_time": SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
         "rounds": rounds,
+        "quick": opts.quick,
         "scenarios": results,
     });
     let path = env.out.join("results.json");
@@ -351,6 +514,14 @@ pub fn bench(ctx: &Ctx) -> Result<()> {
         path.display(),
         started.elapsed().as_secs_f64()
     );
+    interrupted()?;
+    if !failed.is_empty() {
+        bail!(
+            "{} scenario(s) failed to run:\n  {}",
+            failed.len(),
+            failed.join("\n  ")
+        );
+    }
     Ok(())
 }
 
@@ -490,6 +661,8 @@ impl Sink {
 
 struct Env {
     bin: PathBuf,
+    /// `--quick`: reduced sizes.
+    quick: bool,
     /// `target/bench`.
     out: PathBuf,
     /// `zt-bench-<pid>`: the name of this run's cgroup, and the prefix of its pin
@@ -499,11 +672,92 @@ struct Env {
     cgroup: BenchCgroup,
 }
 
+/// One finished probe run.
+struct ProbeRun {
+    stdout: String,
+    stderr: String,
+    success: bool,
+    line: String,
+    started: Instant,
+    wall: Duration,
+}
+
+impl ProbeRun {
+    /// The value of `name=V` in its output.
+    fn field(&self, name: &str) -> Result<u64> {
+        self.stdout
+            .split_whitespace()
+            .find_map(|kv| kv.strip_prefix(&format!("{name}=")))
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| {
+                anyhow!(
+                    "`{}` printed {:?}; stderr: {}",
+                    self.line,
+                    self.stdout,
+                    self.stderr
+                )
+            })
+    }
+}
+
+/// Make `cmd`'s child join `cgroup` and `netns` between fork and exec.
+fn enter_before_exec(cmd: &mut Command, cgroup: Option<&Path>, netns: Option<&Path>) -> Result<()> {
+    use std::os::unix::{ffi::OsStrExt as _, process::CommandExt as _};
+    let procs = match cgroup {
+        Some(c) => Some(
+            std::ffi::CString::new(c.join("cgroup.procs").as_os_str().as_bytes().to_vec())
+                .context("cgroup path")?,
+        ),
+        None => None,
+    };
+    let ns = match netns {
+        Some(n) => {
+            Some(std::ffi::CString::new(n.as_os_str().as_bytes().to_vec()).context("netns path")?)
+        }
+        None => None,
+    };
+    // SAFETY: the closure runs in the forked child before exec and makes only
+    // async-signal-safe system calls (open, write, setns, close); it allocates nothing.
+    unsafe {
+        cmd.pre_exec(move || {
+            use nix::libc;
+            if let Some(procs) = &procs {
+                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                if fd < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                let n = libc::write(fd, b"0".as_ptr().cast(), 1);
+                let err = std::io::Error::last_os_error();
+                libc::close(fd);
+                if n != 1 {
+                    return Err(err);
+                }
+            }
+            if let Some(ns) = &ns {
+                let fd = libc::open(ns.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC);
+                if fd < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                let r = libc::setns(fd, libc::CLONE_NEWNET);
+                let err = std::io::Error::last_os_error();
+                libc::close(fd);
+                if r != 0 {
+                    return Err(err);
+                }
+            }
+            Ok(())
+        });
+    }
+    Ok(())
+}
+
 /// The outcome of one `zt-probe flood`.
 struct Flood {
     eperm: u64,
     ok: u64,
     other: u64,
+    /// The probe's own time for its loop.
+    loop_ns: u64,
     /// When the probe had exec'd.
     started: Instant,
     /// From then to its exit.
@@ -511,13 +765,14 @@ struct Flood {
 }
 
 impl Env {
-    fn new(ctx: &Ctx) -> Result<Env> {
+    fn new(ctx: &Ctx, quick: bool) -> Result<Env> {
         let tag = format!("zt-bench-{}", std::process::id());
         let out = ctx.target_dir.join("bench");
         fs::create_dir_all(&out).with_context(|| format!("mkdir {}", out.display()))?;
         let root = cgroup2_root()?;
         Ok(Env {
             bin: ctx.release_dir(),
+            quick,
             out,
             cgroup: BenchCgroup::new(&root, &root, &tag)?,
             tag,
@@ -556,11 +811,6 @@ impl Env {
 
     /// `zt-probe flood` from inside `cgroup`: `count` UDP (or TCP) `connect()`s to `addr`,
     /// the port cycling over `spread` values from `addr`'s port up.
-    ///
-    /// The probe is moved into the cgroup between fork and exec (not with its `--cgroup`
-    /// flag), and timed from the return of `spawn` — which waits for the exec — to its exit:
-    /// a cgroup migration waits for an RCU grace period, whose length varies by milliseconds,
-    /// and would otherwise be inside the timed window.
     fn flood(
         &self,
         cgroup: &Path,
@@ -569,41 +819,72 @@ impl Env {
         count: u64,
         spread: u16,
     ) -> Result<Flood> {
-        use std::os::unix::{ffi::OsStrExt as _, process::CommandExt as _};
+        self.flood_op(cgroup, None, "connect", proto, addr, count, spread)
+    }
 
+    /// `zt-probe flood --op OP` from inside `cgroup` (and `netns`).
+    #[allow(clippy::too_many_arguments)]
+    fn flood_op(
+        &self,
+        cgroup: &Path,
+        netns: Option<&Path>,
+        op: &str,
+        proto: &str,
+        addr: &str,
+        count: u64,
+        spread: u16,
+    ) -> Result<Flood> {
+        let args: Vec<String> = vec![
+            "flood".into(),
+            "--op".into(),
+            op.into(),
+            "--proto".into(),
+            proto.into(),
+            "--addr".into(),
+            addr.into(),
+            "--count".into(),
+            count.to_string(),
+            "--port-spread".into(),
+            spread.to_string(),
+        ];
+        let run = self.probe_in(Some(cgroup), netns, &args)?;
+        let f = Flood {
+            eperm: run.field("eperm")?,
+            ok: run.field("ok")?,
+            other: run.field("other")?,
+            loop_ns: run.field("ns")?,
+            started: run.started,
+            wall: run.wall,
+        };
+        ensure!(run.success, "`{}` failed: {}", run.line, run.stderr);
+        Ok(f)
+    }
+
+    /// Run the probe with `args`, moved into `cgroup` and `netns` between fork and exec,
+    /// timed from the return of `spawn` — which waits for the exec — to its exit: a cgroup
+    /// migration waits for an RCU grace period, whose length varies by milliseconds, and
+    /// would otherwise be inside the timed window.
+    fn probe_in(
+        &self,
+        cgroup: Option<&Path>,
+        netns: Option<&Path>,
+        args: &[String],
+    ) -> Result<ProbeRun> {
         interrupted()?;
-        let procs =
-            std::ffi::CString::new(cgroup.join("cgroup.procs").as_os_str().as_bytes().to_vec())
-                .context("cgroup path")?;
         let mut cmd = Command::new(self.probe());
-        cmd.args(["flood", "--proto", proto, "--addr", addr])
-            .arg("--count")
-            .arg(count.to_string())
-            .arg("--port-spread")
-            .arg(spread.to_string())
+        cmd.args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        // SAFETY: the closure runs in the forked child before exec and makes only
-        // async-signal-safe system calls (open, write, close); it allocates nothing.
-        unsafe {
-            cmd.pre_exec(move || {
-                use nix::libc;
-                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
-                if fd < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                let n = libc::write(fd, b"0".as_ptr().cast(), 1);
-                let err = std::io::Error::last_os_error();
-                libc::close(fd);
-                if n == 1 {
-                    Ok(())
-                } else {
-                    Err(err)
-                }
-            });
-        }
-        let line = format!("{} (in {})", util::show(&cmd), cgroup.display());
+        enter_before_exec(&mut cmd, cgroup, netns)?;
+        let line = format!(
+            "{} (in {}{})",
+            util::show(&cmd),
+            cgroup.map(|c| c.display().to_string()).unwrap_or_default(),
+            netns
+                .map(|n| format!(", netns {}", n.display()))
+                .unwrap_or_default()
+        );
         let child = cmd.spawn().with_context(|| format!("starting `{line}`"))?;
         let started = Instant::now();
         let out = child
@@ -611,28 +892,14 @@ impl Env {
             .with_context(|| format!("waiting for `{line}`"))?;
         let ended = Instant::now();
         interrupted()?;
-        let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
-        let field = |name: &str| -> Result<u64> {
-            text.split_whitespace()
-                .find_map(|kv| kv.strip_prefix(&format!("{name}=")))
-                .and_then(|v| v.parse().ok())
-                .ok_or_else(|| {
-                    anyhow!(
-                        "`{line}` printed {text:?} ({}); stderr: {}",
-                        out.status,
-                        String::from_utf8_lossy(&out.stderr).trim()
-                    )
-                })
-        };
-        let f = Flood {
-            eperm: field("eperm")?,
-            ok: field("ok")?,
-            other: field("other")?,
+        Ok(ProbeRun {
+            stdout: String::from_utf8_lossy(&out.stdout).trim().to_string(),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            success: out.status.success(),
+            line,
             started,
             wall: ended.duration_since(started),
-        };
-        ensure!(out.status.success(), "`{line}` failed ({})", out.status);
-        Ok(f)
+        })
     }
 
     /// An allowed UDP flood: fails unless every connect succeeded.
@@ -660,6 +927,22 @@ impl Env {
         sink: Sink,
         label: &str,
     ) -> Result<Ztd> {
+        self.start_ztd_in(cgroup, policy, extra, sink, label, None, READY_TIMEOUT)
+    }
+
+    /// [`Env::start_ztd`], with ztd in network namespace `netns` (for `--xdp` on its
+    /// interfaces) and a longer wait for big policies.
+    #[allow(clippy::too_many_arguments)]
+    fn start_ztd_in(
+        &self,
+        cgroup: &Path,
+        policy: &Path,
+        extra: &[&str],
+        sink: Sink,
+        label: &str,
+        netns: Option<&Path>,
+        ready_timeout: Duration,
+    ) -> Result<Ztd> {
         interrupted()?;
         let name = format!("{}-{label}", self.tag);
         let bpffs = Path::new(util::BPFFS).join(&name);
@@ -679,9 +962,14 @@ impl Env {
             }
             Sink::Null => Stdio::null(),
         };
+        // The flow store is on, as by default, but kept with this run's output.
+        let flows = self.out.join(format!("flows-{label}"));
+        let _ = std::fs::remove_dir_all(&flows);
         let mut cmd = Command::new(self.bin.join("ztd"));
         // Never an installed /etc/zt/ztd.toml.
         cmd.args(["--config", "/dev/null"])
+            .arg("--flows-dir")
+            .arg(&flows)
             .arg("--policy")
             .arg(policy)
             .arg("--cgroup")
@@ -694,6 +982,7 @@ impl Env {
             .stdin(Stdio::null())
             .stdout(stdout)
             .stderr(Stdio::from(stderr));
+        enter_before_exec(&mut cmd, None, netns)?;
         let line = util::show(&cmd);
         let child = cmd.spawn().with_context(|| format!("starting `{line}`"))?;
         let mut ztd = Ztd {
@@ -705,7 +994,7 @@ impl Env {
             stderr: stderr_path,
             stopped: false,
         };
-        let end = Instant::now() + READY_TIMEOUT;
+        let end = Instant::now() + ready_timeout;
         loop {
             interrupted()?;
             if let Some(c) = ztd.child.as_mut() {
@@ -723,7 +1012,7 @@ impl Env {
             }
             if Instant::now() > end {
                 bail!(
-                    "`{line}` not healthy after {READY_TIMEOUT:?}:\n{}",
+                    "`{line}` not healthy after {ready_timeout:?}:\n{}",
                     ztd.output_tail()
                 );
             }
@@ -788,6 +1077,24 @@ struct Ztd {
 }
 
 impl Ztd {
+    /// Its pid, while it runs.
+    fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// `ztctl --socket S ARGS`, with its wall time.
+    fn ztctl(&self, args: &[&str]) -> Result<(std::process::Output, Duration)> {
+        let t = Instant::now();
+        let out = Command::new(&self.ztctl)
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .with_context(|| format!("running ztctl {}", args.join(" ")))?;
+        Ok((out, t.elapsed()))
+    }
+
     /// `ztctl status --json`.
     fn status(&self) -> Result<Value> {
         let out = Command::new(&self.ztctl)
@@ -931,390 +1238,17 @@ fn ns(d: Duration) -> f64 {
     d.as_secs_f64() * 1e9
 }
 
-// -------------------------------------------------------------------------------------------
-// Scenario 1: the cost of a decision, with and without an event per decision
-// -------------------------------------------------------------------------------------------
-
-/// UDP `connect()`s to 127.0.0.1 (one socket; a connect sends nothing) from a cgroup of the
-/// run: with no ztd (`bare`), with ztd allowing them without events (`events-off`), and
-/// with ztd `--log-allowed`, where every allow is an event (`events-on`).
-///
-/// The three variants run side by side, each in its own sibling cgroup, each guarded cgroup
-/// by its own ztd (fresh every round): the round alternates them run by run, REPS times, so
-/// that the three figures of a round are taken within the same second or two — this VM's
-/// speed drifts by up to ~1.7x over seconds, which one-variant-after-another rounds turned
-/// into noise in the ratios. An idle daemon costs the other cgroups nothing: the hooks run
-/// only for their own cgroup.
-///
-/// Per connect = (wall of a LARGE-connect run − wall of a SMALL-connect run) / (LARGE −
-/// SMALL): process start-up cancels out. LARGE is chosen so that the ring buffer (4 MiB,
-/// ~30,800 events of 136 bytes) holds a whole run's events even if the daemon read none, and
-/// every connect of a round goes to its own port (the two runs use different port ranges),
-/// so the 16/s rate limit never suppresses one: with events on, every timed connect makes an
-/// event that reaches the daemon. A variant's figure of a round is the median of its REPS
-/// pairs. ztd's stdout goes to /dev/null: this is the decision path's cost, not the disk's
-/// (events_per_second compares the sinks).
-struct DecisionCost;
-
-const COST_LARGE: u64 = 25_000;
-const COST_SMALL: u64 = 1_000;
-const COST_REPS: usize = 7;
-const COST_LARGE_ADDR: &str = "127.0.0.1:1024";
-const COST_SMALL_ADDR: &str = "127.0.0.1:40000";
-const COST_WARMUP_ADDR: &str = "127.0.0.1:60000";
-
-const ALLOW_UDP_LOOPBACK: &str = r#"# cargo xtask bench: every UDP connect to 127.0.0.1 is allowed, whatever the port.
-version = 1
-
-[[rule]]
-action = "allow"
-peer = "127.0.0.1"
-proto = "udp"
-"#;
-
-/// One variant of a decision_cost round: its daemon (dropped first), its cgroup, its runs.
-struct Lane {
-    variant: &'static str,
-    ztd: Option<Ztd>,
-    cgroup: BenchCgroup,
-    events_on: bool,
-    per_connect: Vec<f64>,
-    /// The daemon's counters when the timed runs began, and after the last run.
-    first: Option<Events>,
-    last: Option<Events>,
-}
-
-impl Lane {
-    fn new(env: &Env, variant: &'static str, policy: &Path) -> Result<Lane> {
-        let label = format!("cost-{variant}");
-        let cgroup = env.sub_cgroup(&label)?;
-        let (ztd, events_on) = match variant {
-            "bare" => (None, false),
-            "events-off" => (
-                Some(env.start_ztd(&cgroup.path, policy, &[], Sink::Null, &label)?),
-                false,
-            ),
-            "events-on" => (
-                Some(env.start_ztd(
-                    &cgroup.path,
-                    policy,
-                    &["--log-allowed"],
-                    Sink::Null,
-                    &label,
-                )?),
-                true,
-            ),
-            other => bail!("unknown variant {other}"),
-        };
-        Ok(Lane {
-            variant,
-            ztd,
-            cgroup,
-            events_on,
-            per_connect: Vec::new(),
-            first: None,
-            last: None,
-        })
-    }
-
-    /// Warm up (the first connects after the programs are attached) on ports the timed runs
-    /// do not use, and note the daemon's counters.
-    fn warm_up(&mut self, env: &Env) -> Result<()> {
-        env.flood_ok(&self.cgroup.path, COST_WARMUP_ADDR, COST_SMALL, 1000)?;
-        if let Some(ztd) = &self.ztd {
-            let e = ztd.drained()?.0;
-            self.first = Some(e);
-            self.last = Some(e);
-        }
-        Ok(())
-    }
-
-    /// One (small, large) pair; with a daemon, check each run's decisions and events and wait
-    /// until the ring is drained, so that every run starts with an empty ring.
-    fn pair(&mut self, env: &Env) -> Result<()> {
-        let mut walls = Vec::new();
-        for (addr, count) in [(COST_SMALL_ADDR, COST_SMALL), (COST_LARGE_ADDR, COST_LARGE)] {
-            let spread = u16::try_from(count).context("port spread")?;
-            walls.push(env.flood_ok(&self.cgroup.path, addr, count, spread)?.wall);
-            if let (Some(ztd), Some(e0)) = (&self.ztd, self.last) {
-                let now = ztd.drained()?.0;
-                self.last = Some(now);
-                let d = now.since(&e0);
-                ensure!(
-                    d.allowed == count,
-                    "the kernel counted {} allowed decisions for {count} connects",
-                    d.allowed
-                );
-                let expect = if self.events_on { count } else { 0 };
-                ensure!(
-                    d.produced == expect && d.suppressed == 0,
-                    "expected {expect} events and none suppressed for {count} connects: {d:?}"
-                );
-            }
-        }
-        self.per_connect
-            .push((ns(walls[1]) - ns(walls[0])) / (COST_LARGE - COST_SMALL) as f64);
-        Ok(())
-    }
-
-    fn finish(self) -> Result<Sample> {
-        let mut detail = Map::new();
-        detail.insert("reps_ns_per_connect".into(), json!(self.per_connect));
-        if let (Some(first), Some(last)) = (self.first, self.last) {
-            let t = last.since(&first);
-            detail.insert("events_produced".into(), json!(t.produced));
-            detail.insert("events_delivered".into(), json!(t.delivered));
-            detail.insert("events_lost_kernel".into(), json!(t.lost_kernel));
-            detail.insert("events_lost_daemon".into(), json!(t.lost_daemon));
-            detail.insert("events_suppressed".into(), json!(t.suppressed));
-            if t.lost_kernel + t.lost_daemon > 0 {
-                println!(
-                    "    note: {}: {} events lost in the kernel, {} in the daemon: those connects made no complete event",
-                    self.variant, t.lost_kernel, t.lost_daemon
-                );
-            }
-        }
-        let value = median(&self.per_connect);
-        if let Some(ztd) = self.ztd {
-            ztd.stop()?;
-        }
-        Ok(Sample { value, detail })
-    }
-}
-
-impl Scenario for DecisionCost {
-    fn id(&self) -> &'static str {
-        "decision_cost"
-    }
-
-    fn title(&self) -> String {
-        format!(
-            "allowed UDP connect() to 127.0.0.1: no ztd, ztd without events, ztd --log-allowed (an event per connect), side by side in sibling cgroups; ns per connect = (wall({COST_LARGE}) - wall({COST_SMALL})) / {}, median of {COST_REPS} alternating pairs per round; ztd stdout -> /dev/null",
-            COST_LARGE - COST_SMALL
-        )
-    }
-
-    fn unit(&self) -> &'static str {
-        "ns/connect"
-    }
-
-    fn variants(&self) -> &'static [&'static str] {
-        &["bare", "events-off", "events-on"]
-    }
-
-    fn config(&self) -> Value {
-        json!({
-            "large": COST_LARGE,
-            "large_addr": COST_LARGE_ADDR,
-            "small": COST_SMALL,
-            "small_addr": COST_SMALL_ADDR,
-            "port_spread": "= count (every connect of a run to its own port)",
-            "reps_per_round": COST_REPS,
-            "policy": ALLOW_UDP_LOOPBACK,
-            "ztd_stdout": "/dev/null",
-        })
-    }
-
-    fn measure(&self, env: &Env, variant: &str) -> Result<Sample> {
-        let v = self
-            .variants()
-            .iter()
-            .find(|v| **v == variant)
-            .ok_or_else(|| anyhow!("unknown variant {variant}"))?;
-        let mut r = self.round(env, &[v])?;
-        r.pop().map(|(_, s)| s).ok_or_else(|| anyhow!("no sample"))
-    }
-
-    fn round(&self, env: &Env, order: &[&'static str]) -> Result<Vec<(&'static str, Sample)>> {
-        let policy = env.policy("policy-allow-udp-loopback.toml", ALLOW_UDP_LOOPBACK)?;
-        let mut lanes = Vec::new();
-        for v in order {
-            lanes.push(Lane::new(env, v, &policy).with_context(|| format!("variant `{v}`"))?);
-        }
-        for lane in &mut lanes {
-            let v = lane.variant;
-            lane.warm_up(env)
-                .with_context(|| format!("variant `{v}`: warm-up"))?;
-        }
-        let n = lanes.len();
-        for rep in 0..COST_REPS {
-            for i in 0..n {
-                let lane = &mut lanes[(i + rep) % n];
-                let v = lane.variant;
-                lane.pair(env)
-                    .with_context(|| format!("variant `{v}`, pair {}", rep + 1))?;
-            }
-        }
-        lanes
-            .into_iter()
-            .map(|lane| {
-                let v = lane.variant;
-                Ok((v, lane.finish().with_context(|| format!("variant `{v}`"))?))
-            })
-            .collect()
-    }
-
-    fn ratios(&self, m: &Medians) -> Vec<Ratio> {
-        vec![
-            m.ratio("events-on", "events-off"),
-            m.ratio("events-off", "bare"),
-            m.ratio("events-on", "bare"),
-        ]
-    }
-}
-
-// -------------------------------------------------------------------------------------------
-// Scenario 2: decision events per second, end to end
-// -------------------------------------------------------------------------------------------
-
-/// ztd with `--log-allowed --history 100000`; a flood of allowed UDP connects, each port hit
-/// at most twice (far below the 16/s rate limit); delivered/s = events the daemon delivered,
-/// over the time from the flood's start until status shows the ring buffer drained. The
-/// variants differ in where ztd's stdout (one line per event) goes: a file under
-/// target/bench, or /dev/null. The baseline for the rate is the kernel's: the events the
-/// flood produced per second of flood.
-struct EventThroughput;
-
-const EPS_COUNT: u64 = 100_000;
-const EPS_SPREAD: u16 = 50_000;
-const EPS_ADDR: &str = "127.0.0.1:1024";
-
-impl Scenario for EventThroughput {
-    fn id(&self) -> &'static str {
-        "events_per_second"
-    }
-
-    fn title(&self) -> String {
-        format!(
-            "decision events delivered per second, end to end: ztd --log-allowed --history 100000, {EPS_COUNT} allowed UDP connects over {EPS_SPREAD} ports; from flood start until drained"
-        )
-    }
-
-    fn unit(&self) -> &'static str {
-        "delivered/s"
-    }
-
-    fn variants(&self) -> &'static [&'static str] {
-        &["stdout-file", "stdout-null"]
-    }
-
-    fn config(&self) -> Value {
-        json!({
-            "count": EPS_COUNT,
-            "port_spread": EPS_SPREAD,
-            "addr": EPS_ADDR,
-            "ztd_flags": ["--log-allowed", "--history", "100000"],
-            "policy": ALLOW_UDP_LOOPBACK,
-            "ztd_stdout": {
-                "stdout-file": "target/bench/ztd-eps-stdout-file.log",
-                "stdout-null": "/dev/null",
-            },
-            "poll_interval_ms": POLL.as_millis() as u64,
-        })
-    }
-
-    fn measure(&self, env: &Env, variant: &str) -> Result<Sample> {
-        let label = format!("eps-{variant}");
-        let sink = match variant {
-            "stdout-file" => Sink::File(env.out.join(format!("ztd-{label}.log"))),
-            "stdout-null" => Sink::Null,
-            other => bail!("unknown variant {other}"),
-        };
-        let policy = env.policy("policy-allow-udp-loopback.toml", ALLOW_UDP_LOOPBACK)?;
-        let cgroup = env.sub_cgroup(&label)?;
-        let ztd = env.start_ztd(
-            &cgroup.path,
-            &policy,
-            &["--log-allowed", "--history", "100000"],
-            sink.clone(),
-            &label,
-        )?;
-        // Warm-up on ports the flood does not use.
-        env.flood_ok(&cgroup.path, "127.0.0.1:60000", 100, 100)?;
-        let (before, _) = ztd.drained()?;
-
-        let flood = env.flood_ok(&cgroup.path, EPS_ADDR, EPS_COUNT, EPS_SPREAD)?;
-        let flood_wall = flood.wall;
-        let (after, seen) = ztd.drained()?;
-        let elapsed = seen.duration_since(flood.started);
-        // A separate read for the accounting identity.
-        let st = ztd.status()?;
-        let abs = Events::from_status(&st)?;
-        ensure!(
-            abs.produced == abs.delivered + abs.lost_kernel + abs.lost_daemon,
-            "ACCOUNTING BROKEN: produced ({}) != delivered ({}) + lost_kernel ({}) + lost_daemon ({}): {}",
-            abs.produced,
-            abs.delivered,
-            abs.lost_kernel,
-            abs.lost_daemon,
-            st["events"]
-        );
-        let d = after.since(&before);
-        ensure!(
-            d.allowed == EPS_COUNT,
-            "the kernel counted {} allowed decisions for {EPS_COUNT} connects",
-            d.allowed
-        );
-        ensure!(
-            d.produced + d.suppressed == EPS_COUNT,
-            "ACCOUNTING BROKEN: {} produced + {} suppressed events for {EPS_COUNT} allowed connects with --log-allowed: {}",
-            d.produced,
-            d.suppressed,
-            st["events"]
-        );
-        println!(
-            "    accounting ok: produced {} == delivered {} + lost_kernel {} + lost_daemon {}; suppressed {}; ztd stdout -> {}",
-            d.produced,
-            d.delivered,
-            d.lost_kernel,
-            d.lost_daemon,
-            d.suppressed,
-            sink.describe()
-        );
-        let secs = elapsed.as_secs_f64();
-        let mut detail = Map::new();
-        detail.insert("ztd_stdout".into(), json!(sink.describe()));
-        detail.insert("flood_s".into(), json!(flood_wall.as_secs_f64()));
-        detail.insert("until_drained_s".into(), json!(secs));
-        detail.insert("produced".into(), json!(d.produced));
-        detail.insert("delivered".into(), json!(d.delivered));
-        detail.insert("lost_kernel".into(), json!(d.lost_kernel));
-        detail.insert("lost_daemon".into(), json!(d.lost_daemon));
-        detail.insert("suppressed".into(), json!(d.suppressed));
-        detail.insert(
-            "produced_per_s_of_flood".into(),
-            json!(d.produced as f64 / flood_wall.as_secs_f64()),
-        );
-        detail.insert(
-            "delivered_fraction".into(),
-            json!(d.delivered as f64 / d.produced.max(1) as f64),
-        );
-        ztd.stop()?;
-        Ok(Sample {
-            value: d.delivered as f64 / secs,
-            detail,
-        })
-    }
-
-    fn ratios(&self, m: &Medians) -> Vec<Ratio> {
-        let mut r = vec![m.ratio("stdout-file", "stdout-null")];
-        for v in self.variants() {
-            r.push(Medians::derived(
-                format!("{v}: delivered/s / produced/s of flood"),
-                m.of(v) / m.field(v, Some("produced_per_s_of_flood")),
-            ));
-            r.push(Medians::derived(
-                format!("{v}: delivered / produced"),
-                m.field(v, Some("delivered_fraction")),
-            ));
-        }
-        r
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn skipped_samples_are_left_out_of_medians() {
+        let s = Sample::skipped("no tool");
+        assert_eq!(s.skip_reason(), Some("no tool"));
+        assert_eq!(median(&[s.value, 3.0, 1.0]), 2.0);
+        assert!(median(&[f64::NAN]).is_nan());
+    }
 
     #[test]
     fn medians_of_odd_and_even_counts() {
