@@ -63,15 +63,17 @@ macro_rules! warn {
 use crate::{
     btf,
     control::{
-        Decisions, EventStats, HookDecisions, PendingApply, ReloadResult, Request, Response,
-        RuleCounter, Status, TopFlow,
+        Decisions, EventStats, HookDecisions, IdentityStatus, PendingApply, ReloadResult, Request,
+        Response, RuleCounter, Status, TopFlow,
     },
     enrich::Enricher,
     events,
     history::{log_line, now_ns, EventFilter, EventRecord, FollowItem, History, LogFormat},
+    identity_watch::{self, Targets},
     loader::{self, HookStart, Layout, Loader, LoaderError},
     metrics::{self, MetricsSnapshot},
-    policy::{self, Compiled, Diagnostic, SystemResolver},
+    notice::{self, Notice},
+    policy::{self, Compiled, Diagnostic, LiveResolver, SystemResolver},
     sys,
     xdp::{self, XdpFront, XdpModePref},
 };
@@ -117,6 +119,9 @@ pub struct Options {
     pub check_interval: Duration,
     /// Reload when the policy files change (inotify; `--no-watch` turns it off).
     pub watch: bool,
+    /// Where `unit = "..."` identities are searched (`--units-root`; default: the cgroup2
+    /// root).
+    pub units_root: Option<PathBuf>,
 }
 
 /// How long the policy files must be quiet after a change before ztd reloads.
@@ -146,6 +151,8 @@ pub enum DaemonError {
     NotACgroup(PathBuf),
     #[error(transparent)]
     Xdp(#[from] xdp::XdpError),
+    #[error("--units-root {dir} is not a directory below the cgroup2 mount {root}: pass a cgroup directory (units are searched in its system.slice, user slices and nested slices)")]
+    NotAUnitsRoot { dir: PathBuf, root: PathBuf },
 }
 
 /// Parse, validate, resolve and compile the policy at `paths`.
@@ -162,6 +169,10 @@ pub fn compile_policy(
 }
 
 struct State {
+    /// Where units are searched (`--units-root`, else the cgroup2 root).
+    units_root: PathBuf,
+    /// Where notices go (set once the history exists).
+    history: Option<Arc<Mutex<History>>>,
     loader: Loader,
     compiled: Compiled,
     opts: Options,
@@ -219,11 +230,12 @@ impl State {
             );
             return self.refused(message, Vec::new());
         }
-        match compile_policy(&self.opts.policy, &self.cgroup_root) {
+        match self.compile(&self.opts.policy.clone(), false) {
             Ok((compiled, warnings)) => {
                 for w in &warnings {
                     warn!("{w}");
                 }
+                self.notice_changes(&compiled);
                 match self.loader.apply_or_keep(&compiled, self.flags()) {
                     Ok((generation, true)) => {
                         let message = format!(
@@ -266,6 +278,120 @@ impl State {
         }
     }
 
+    /// Parse, validate, resolve (units below `--units-root`; `lenient`: a missing `exe`
+    /// disables its identity instead of refusing the policy) and compile.
+    fn compile(
+        &self,
+        paths: &[PathBuf],
+        lenient: bool,
+    ) -> Result<(Compiled, Vec<Diagnostic>), DaemonError> {
+        let resolver = LiveResolver {
+            system: SystemResolver {
+                cgroup_root: self.cgroup_root.clone(),
+            },
+            units_root: self.units_root.clone(),
+            lenient,
+        };
+        let (policy, warnings) = policy::load(paths, &resolver).map_err(DaemonError::Policy)?;
+        let compiled = policy::compile(&policy)?;
+        Ok((compiled, warnings))
+    }
+
+    /// Log and keep a notice for every identity whose resolution differs between the active
+    /// policy and `next`.
+    fn notice_changes(&mut self, next: &Compiled) {
+        let changes = notice::changes(&self.compiled.identities, &next.identities);
+        if changes.is_empty() {
+            return;
+        }
+        let generation = self.loader.active().map(|(_, c)| c.generation).unwrap_or(0);
+        for (kind, identity, message) in changes {
+            let mut n = Notice::new(kind, &identity, message, now_ns());
+            // The generation the change is written as (or the active one if unchanged).
+            n.generation = generation + 1;
+            match log_format() {
+                LogFormat::Text => warn!("ztd: {}", n.text()),
+                LogFormat::Json => emit_line(
+                    true,
+                    "warn",
+                    "notice",
+                    &[
+                        ("kind", serde_json::Value::from(n.kind.clone())),
+                        ("code", serde_json::Value::from(n.code)),
+                        ("identity", serde_json::Value::from(n.identity.clone())),
+                        ("message", serde_json::Value::from(n.message.clone())),
+                    ],
+                ),
+            }
+            if let Some(h) = &self.history {
+                if let Ok(mut h) = h.lock() {
+                    h.push_notice(n);
+                }
+            }
+        }
+    }
+
+    /// Something an identity names changed on the system (a file replaced, a cgroup
+    /// recreated): resolve the active policy again and apply the result if it differs. The
+    /// policy text is read again; if it no longer validates, the file watch reports that.
+    fn reresolve(&mut self) {
+        if self.pending.is_some() {
+            return;
+        }
+        match self.compile(&self.opts.policy.clone(), true) {
+            Ok((compiled, _)) => {
+                self.notice_changes(&compiled);
+                match self.loader.apply_or_keep(&compiled, self.flags()) {
+                    Ok((generation, kept)) => {
+                        if !kept {
+                            say!(
+                                "ztd: identities re-resolved: generation {generation}: {} rules, {} identities",
+                                compiled.rules.len(),
+                                compiled.identities.len()
+                            );
+                        }
+                        self.compiled = compiled;
+                    }
+                    Err(e) => warn!("ztd: applying re-resolved identities failed: {e}; retrying on the next change"),
+                }
+            }
+            Err(e) => {
+                warn!("ztd: re-resolving identities: {e}; the last good policy stays enforced")
+            }
+        }
+    }
+
+    /// The identities as `status` shows them.
+    fn identity_status(&self) -> Vec<IdentityStatus> {
+        self.compiled
+            .identities
+            .iter()
+            .map(|i| IdentityStatus {
+                name: i.name.clone(),
+                location: format!("{}:{}:{}", i.path.display(), i.line, i.column),
+                mode: i.mode.as_str().to_string(),
+                exe: i.exe.as_ref().map(|e| e.path.clone()),
+                exe_real: i.exe.as_ref().and_then(|e| e.real_path.clone()),
+                exe_dev: i
+                    .exe
+                    .as_ref()
+                    .filter(|e| e.key.ino != 0)
+                    .map(|e| format!("{}:{}", e.key.dev >> 20, e.key.dev & 0xf_ffff)),
+                exe_ino: i.exe.as_ref().map(|e| e.key.ino).filter(|&ino| ino != 0),
+                sha256: i.sha256.clone(),
+                user: i.user.clone(),
+                uid: i.uid,
+                group: i.group.clone(),
+                gid: i.gid,
+                unit: i.unit.clone(),
+                cgroup: i.cgroup.as_ref().map(|c| format!("/{}", c.path)),
+                cgroup_id: i.cgroup.as_ref().and_then(|c| c.id),
+                matchable: i.matchable,
+                problem: i.problem.clone(),
+            })
+            .collect()
+    }
+
     /// `ztctl apply PATH --confirm-within D`: apply PATH as the next generation now; roll
     /// back unless confirmed in time. An invalid PATH changes nothing.
     fn apply_pending(&mut self, path: PathBuf, within: Duration) -> Response {
@@ -279,7 +405,7 @@ impl State {
                 diagnostics: Vec::new(),
             };
         }
-        let compiled = match compile_policy(std::slice::from_ref(&path), &self.cgroup_root) {
+        let compiled = match self.compile(std::slice::from_ref(&path), false) {
             Ok((compiled, warnings)) => {
                 for w in &warnings {
                     warn!("{w}");
@@ -400,6 +526,14 @@ impl State {
             .collect();
         for iface in self.xdp_down() {
             out.push(format!("xdp {iface}: the front door is not attached"));
+        }
+        for id in &self.compiled.identities {
+            if let Some(p) = &id.problem {
+                out.push(format!(
+                    "identity {}: {p}; it matches nothing until this is fixed",
+                    id.name
+                ));
+            }
         }
         out
     }
@@ -578,6 +712,7 @@ impl State {
             problems,
             repairs: self.repairs,
             last_repair: self.last_repair.clone(),
+            identities_resolved: self.identity_status(),
             pending_apply: self.pending.as_ref().map(|p| PendingApply {
                 path: p.path.clone(),
                 generation: p.generation,
@@ -624,6 +759,20 @@ fn check_cgroup(cgroup: &Path) -> Result<PathBuf, DaemonError> {
     Ok(root)
 }
 
+/// `--units-root` (absolute, a directory below the cgroup2 mount), else the cgroup2 root.
+fn check_units_root(cgroup_root: &Path, units_root: Option<&Path>) -> Result<PathBuf, DaemonError> {
+    let Some(dir) = units_root else {
+        return Ok(cgroup_root.to_path_buf());
+    };
+    if !dir.starts_with(cgroup_root) || !dir.is_dir() {
+        return Err(DaemonError::NotAUnitsRoot {
+            dir: dir.to_path_buf(),
+            root: cgroup_root.to_path_buf(),
+        });
+    }
+    Ok(dir.to_path_buf())
+}
+
 /// Bind the control socket: root only (0600); refuse if another daemon answers there.
 fn bind_socket(path: &Path) -> Result<UnixListener, DaemonError> {
     let io = |what| {
@@ -652,8 +801,17 @@ fn bind_socket(path: &Path) -> Result<UnixListener, DaemonError> {
 pub async fn run(opts: Options) -> Result<(), DaemonError> {
     let _ = LOG_FORMAT.set(opts.log_format);
     let cgroup_root = check_cgroup(&opts.cgroup)?;
+    let units_root = check_units_root(&cgroup_root, opts.units_root.as_deref())?;
     // Everything that can fail on bad input happens before the kernel is touched.
-    let (compiled, warnings) = compile_policy(&opts.policy, &cgroup_root)?;
+    let resolver = LiveResolver {
+        system: SystemResolver {
+            cgroup_root: cgroup_root.clone(),
+        },
+        units_root: units_root.clone(),
+        lenient: false,
+    };
+    let (policy, warnings) = policy::load(&opts.policy, &resolver).map_err(DaemonError::Policy)?;
+    let compiled = policy::compile(&policy)?;
     for w in &warnings {
         warn!("{w}");
     }
@@ -673,6 +831,8 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
     };
     let loader = Loader::load(&layout, &opts.cgroup, offsets)?;
     let mut state = State {
+        units_root,
+        history: None,
         compiled,
         opts: opts.clone(),
         last_reload: ReloadResult {
@@ -731,8 +891,24 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
     );
     let events_map = state.loader.take_events();
     let enricher = Enricher::new(state.cgroup_root.clone());
-    let state = Arc::new(Mutex::new(state));
     let history = Arc::new(Mutex::new(History::new(opts.history.max(1), 4096)));
+    state.history = Some(Arc::clone(&history));
+    for id in &state.compiled.identities {
+        if let Some(p) = &id.problem {
+            warn!(
+                "ztd: identity {}: {p}; it matches nothing until this is fixed",
+                id.name
+            );
+        }
+    }
+    let (resolve_tx, mut resolve_rx) = mpsc::unbounded_channel::<()>();
+    let mut targets = Targets::of(
+        &state.compiled.identities,
+        &state.cgroup_root,
+        &state.units_root,
+    );
+    let mut identity_watcher = identity_watch::spawn(targets.clone(), resolve_tx.clone());
+    let state = Arc::new(Mutex::new(state));
 
     let (metrics_stop, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
     if let Some(addr) = opts.metrics {
@@ -794,6 +970,12 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
                     s.reload();
                 }
             }
+            Some(()) = resolve_rx.recv() => {
+                while resolve_rx.try_recv().is_ok() {}
+                if let Ok(mut s) = state.lock() {
+                    s.reresolve();
+                }
+            }
             Some(()) = changed_rx.recv() => {
                 if let Ok(mut s) = state.lock() {
                     say!("ztd: the policy files changed; reloading");
@@ -806,6 +988,12 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
                     if !opts.check_interval.is_zero() && last_check.elapsed() >= opts.check_interval {
                         last_check = Instant::now();
                         s.check_and_repair();
+                    }
+                    let now = Targets::of(&s.compiled.identities, &s.cgroup_root, &s.units_root);
+                    if now != targets {
+                        identity_watcher.store(true, Ordering::Relaxed);
+                        targets = now;
+                        identity_watcher = identity_watch::spawn(targets.clone(), resolve_tx.clone());
                     }
                     if std::mem::take(&mut s.rewatch) && opts.watch {
                         if let Some(stop) = watcher.take() {
@@ -961,18 +1149,35 @@ async fn stream_events(
         let _ = write.write_all(text.as_bytes()).await;
         return;
     }
-    let (past, follower) = match history.lock() {
+    let (past, notices, follower) = match history.lock() {
         Ok(h) => {
-            let (past, follower) = h.query_and_subscribe(&filter, now_ns());
-            (past, follow.then_some(follower))
+            let now = now_ns();
+            let (past, follower) = h.query_and_subscribe(&filter, now);
+            (
+                past,
+                h.query_notices(&filter, now),
+                follow.then_some(follower),
+            )
         }
         Err(_) => return,
     };
+    // Decisions and notices, merged by time.
+    let mut items: Vec<(u64, FollowItem)> = past
+        .into_iter()
+        .map(|r| (r.time_ns, FollowItem::Event(Box::new(r))))
+        .collect();
+    items.extend(notices.into_iter().map(|n| {
+        (
+            n.time_ns,
+            FollowItem::Notice {
+                notice: Box::new(n),
+            },
+        )
+    }));
+    items.sort_by_key(|(t, _)| *t);
     let mut out = String::new();
-    for record in past {
-        out.push_str(
-            &serde_json::to_string(&FollowItem::Event(Box::new(record))).unwrap_or_default(),
-        );
+    for (_, item) in items {
+        out.push_str(&serde_json::to_string(&item).unwrap_or_default());
         out.push('\n');
     }
     if write.write_all(out.as_bytes()).await.is_err() {

@@ -412,6 +412,21 @@ impl EventFilter {
         }
     }
 
+    /// Does a notice pass? Only filters on time: any decision field set excludes notices.
+    pub fn matches_notice(&self, notice: &crate::notice::Notice, now_ns: u64) -> bool {
+        if self.verdict.is_some() || self.uid.is_some() || self.exe.is_some() || self.peer.is_some()
+        {
+            return false;
+        }
+        match self.since {
+            Some(since) => {
+                let since = u64::try_from(since.as_nanos()).unwrap_or(u64::MAX);
+                notice.time_ns >= now_ns.saturating_sub(since)
+            }
+            None => true,
+        }
+    }
+
     /// Does `record` pass? `now_ns` (nanoseconds since the epoch) anchors `since`.
     pub fn matches(&self, record: &EventRecord, now_ns: u64) -> bool {
         if let Some(v) = &self.verdict {
@@ -474,7 +489,23 @@ pub enum FollowItem {
     Missed {
         missed: u64,
     },
+    /// Something `ztd` noticed (an identity followed a replaced file or a recreated
+    /// cgroup, a hash mismatch): `{"notice":{...}}`. Not a decision; not counted as one.
+    Notice {
+        notice: Box<crate::notice::Notice>,
+    },
 }
+
+/// What the history broadcasts to followers.
+#[derive(Clone, Debug)]
+#[allow(clippy::large_enum_variant)] // events are the common case; notices are rare
+enum Item {
+    Event(EventRecord),
+    Notice(crate::notice::Notice),
+}
+
+/// Notices kept for `ztctl events`.
+const NOTICE_CAPACITY: usize = 1000;
 
 /// The [`History`] a [`Follower`] followed is gone (the daemon is stopping).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
@@ -485,7 +516,7 @@ pub struct HistoryClosed;
 /// it subscribed that passes its filter, in order, and a [`FollowItem::Missed`] whenever it
 /// fell more than the follow buffer behind.
 pub struct Follower {
-    rx: broadcast::Receiver<EventRecord>,
+    rx: broadcast::Receiver<Item>,
     filter: EventFilter,
     missed_total: Arc<AtomicU64>,
     missed: u64,
@@ -533,10 +564,20 @@ impl Follower {
         &self.filter
     }
 
-    fn accept(&self, r: EventRecord) -> Option<FollowItem> {
-        self.filter
-            .matches(&r, now_ns())
-            .then(|| FollowItem::Event(Box::new(r)))
+    fn accept(&self, item: Item) -> Option<FollowItem> {
+        match item {
+            Item::Event(r) => self
+                .filter
+                .matches(&r, now_ns())
+                .then(|| FollowItem::Event(Box::new(r))),
+            Item::Notice(n) => {
+                self.filter
+                    .matches_notice(&n, now_ns())
+                    .then(|| FollowItem::Notice {
+                        notice: Box::new(n),
+                    })
+            }
+        }
     }
 
     fn lagged(&mut self, n: u64) -> FollowItem {
@@ -582,7 +623,8 @@ pub struct History {
     evicted: u64,
     suppressed: u64,
     missed_total: Arc<AtomicU64>,
-    tx: broadcast::Sender<EventRecord>,
+    tx: broadcast::Sender<Item>,
+    notices: VecDeque<crate::notice::Notice>,
 }
 
 impl Default for History {
@@ -607,6 +649,7 @@ impl History {
             suppressed: 0,
             missed_total: Arc::new(AtomicU64::new(0)),
             tx,
+            notices: VecDeque::new(),
         }
     }
 
@@ -625,10 +668,32 @@ impl History {
         }
         if self.tx.receiver_count() > 0 {
             // Fails only with no receiver left: nothing to do.
-            let _ = self.tx.send(record.clone());
+            let _ = self.tx.send(Item::Event(record.clone()));
         }
         self.records.push_back(record);
         seq
+    }
+
+    /// Keep a notice (bounded separately from the decisions, never counted as one) and send
+    /// it to the live followers.
+    pub fn push_notice(&mut self, notice: crate::notice::Notice) {
+        while self.notices.len() >= NOTICE_CAPACITY {
+            self.notices.pop_front();
+        }
+        if self.tx.receiver_count() > 0 {
+            let _ = self.tx.send(Item::Notice(notice.clone()));
+        }
+        self.notices.push_back(notice);
+    }
+
+    /// The notices that pass `filter`, oldest first (a filter on decision fields —
+    /// verdict, uid, exe, peer — passes none).
+    pub fn query_notices(&self, filter: &EventFilter, now_ns: u64) -> Vec<crate::notice::Notice> {
+        self.notices
+            .iter()
+            .filter(|n| filter.matches_notice(n, now_ns))
+            .cloned()
+            .collect()
     }
 
     /// Count `n` records read from the ring buffer that could not be kept (malformed, short,

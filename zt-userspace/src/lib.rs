@@ -15,3 +15,7 @@ pub mod xdp;
 pub mod enrich;
 pub mod history;
 pub mod metrics;
+pub mod notice;
+
+// Identities that follow the system: executables replaced, unit cgroups recreated.
+pub mod identity_watch;

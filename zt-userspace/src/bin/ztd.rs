@@ -66,6 +66,11 @@ struct Args {
     /// Do not reload when the policy files change (SIGHUP and `ztctl reload` still do).
     #[arg(long)]
     no_watch: bool,
+    /// Where `unit = "NAME.service"` identities are looked up without systemd: the unit's
+    /// cgroup is searched in DIR/system.slice, DIR and the slices below DIR (a cgroup2
+    /// directory; default: the cgroup2 root).
+    #[arg(long, value_name = "DIR")]
+    units_root: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -121,6 +126,7 @@ async fn main() -> std::process::ExitCode {
         log_format: args.log_format,
         check_interval: args.check_interval,
         watch: !args.no_watch,
+        units_root: args.units_root,
     };
     match daemon::run(opts).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
