@@ -237,9 +237,22 @@ fn argv0_is_not_an_identity() {
         "ok",
         "argv[0] does not matter for the real file"
     );
-    let mut fake = cmd(&copy, &w.tcp());
+    let mut fake = cmd(&copy, &with(w.tcp(), &["--linger-ms", "1500"]));
     fake.arg0(&app);
-    w.assert_denied("a copy started with argv[0] = the allowed path", run(fake));
+    let (outcome, pid) = run(fake);
+    w.assert_denied(
+        "a copy started with argv[0] = the allowed path",
+        (outcome, pid),
+    );
+    // argv is in the event for people; the decision used the file.
+    let e = w.deny_event("argv is reported", |e| e.tgid == pid);
+    assert_eq!(e.exe_ino, exe_key(&copy).1);
+    let argv = e.argv.unwrap_or_default();
+    assert_eq!(
+        argv.first(),
+        Some(&app),
+        "argv[0] as the process set it: {argv:?}"
+    );
     // Through execve, too.
     let exec = with(
         vec![

@@ -124,10 +124,15 @@ pub struct EventRecord {
     /// event of that flow (0: none).
     #[serde(default)]
     pub suppressed: u32,
+    /// The process's arguments when ztd read the event, if it still ran the judged file
+    /// (`/proc/<tgid>/cmdline`): informative only, written by the process itself, never an
+    /// identity. `null` when unknown.
+    #[serde(default)]
+    pub argv: Option<Vec<String>>,
 }
 
 /// The field names of [`EventRecord`]'s JSON form, in order. The contract.
-pub const EVENT_RECORD_FIELDS: [&str; 27] = [
+pub const EVENT_RECORD_FIELDS: [&str; 28] = [
     "seq",
     "time",
     "time_ns",
@@ -155,6 +160,7 @@ pub const EVENT_RECORD_FIELDS: [&str; 27] = [
     "rule",
     "generation",
     "suppressed",
+    "argv",
 ];
 
 /// Nanoseconds since the Unix epoch, now.
@@ -261,6 +267,7 @@ impl EventRecord {
             rule,
             generation: ev.generation,
             suppressed: ev.suppressed,
+            argv: None,
         }
     }
 
@@ -270,6 +277,7 @@ impl EventRecord {
         self.group = enricher.group_name(self.gid);
         self.cgroup = enricher.cgroup_path(self.cgroup_id);
         self.exe = enricher.exe_path(self.exe_dev, self.exe_ino, self.tgid);
+        self.argv = crate::enrich::argv_of(self.tgid, self.exe_dev, self.exe_ino);
     }
 
     /// Who: the executable's path if known, else `uid N`.
@@ -981,6 +989,7 @@ mod tests {
             rule: "default".to_string(),
             generation: 1,
             suppressed: 0,
+            argv: None,
         }
     }
 
@@ -1008,7 +1017,7 @@ mod tests {
             EVENT_RECORD_FIELDS.join(","),
             "seq,time,time_ns,verdict,hook,pid,tgid,uid,user,gid,group,cgroup_id,cgroup,\
              exe_dev,exe_ino,exe,comm,proto,family,local_addr,local_port,peer_addr,peer_port,\
-             rule_id,rule,generation,suppressed"
+             rule_id,rule,generation,suppressed,argv"
         );
         // Field order in the text follows the struct.
         let text = serde_json::to_string(&r).unwrap();

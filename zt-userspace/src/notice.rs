@@ -175,3 +175,90 @@ pub fn changes(old: &[IdentityInfo], new: &[IdentityInfo]) -> Vec<(NoticeKind, S
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::Mode;
+    use std::path::PathBuf;
+    use zt_common::ExeKey;
+
+    fn info(ino: u64, cgroup: Option<u64>, problem: Option<&str>) -> IdentityInfo {
+        IdentityInfo {
+            bit: 1,
+            name: "web".into(),
+            path: PathBuf::from("p.toml"),
+            line: 1,
+            column: 1,
+            mode: Mode::Enforce,
+            exe: Some(ExeMatch {
+                path: PathBuf::from("/usr/sbin/nginx"),
+                key: ExeKey {
+                    dev: (8 << 20) | 1,
+                    ino,
+                },
+                real_path: None,
+            }),
+            sha256: None,
+            uid: Some(33),
+            user: Some("www-data".into()),
+            gid: None,
+            group: None,
+            unit: Some("nginx.service".into()),
+            cgroup: Some(CgroupMatch {
+                path: "system.slice/nginx.service".into(),
+                level: 2,
+                id: cgroup,
+            }),
+            matchable: problem.is_none() && cgroup.is_some(),
+            problem: problem.map(str::to_string),
+        }
+    }
+
+    fn kinds(old: IdentityInfo, new: IdentityInfo) -> Vec<NoticeKind> {
+        changes(&[old], &[new]).into_iter().map(|c| c.0).collect()
+    }
+
+    #[test]
+    fn each_change_is_one_notice() {
+        assert!(kinds(info(1, Some(5), None), info(1, Some(5), None)).is_empty());
+        assert_eq!(
+            kinds(info(1, Some(5), None), info(2, Some(5), None)),
+            [NoticeKind::ExeReplaced]
+        );
+        assert_eq!(
+            kinds(info(1, Some(5), None), info(1, Some(6), None)),
+            [NoticeKind::CgroupChanged]
+        );
+        assert_eq!(
+            kinds(info(1, Some(5), None), info(1, None, None)),
+            [NoticeKind::CgroupGone]
+        );
+        assert_eq!(
+            kinds(
+                info(1, Some(5), None),
+                info(2, Some(5), Some("sha256 mismatch: x"))
+            ),
+            [NoticeKind::HashMismatch]
+        );
+        assert_eq!(
+            kinds(
+                info(1, Some(5), None),
+                info(0, Some(5), Some("executable x does not exist"))
+            ),
+            [NoticeKind::ExeMissing]
+        );
+        assert_eq!(
+            kinds(info(0, Some(5), Some("gone")), info(3, Some(5), None)),
+            [NoticeKind::Restored]
+        );
+        let mut other_uid = info(1, Some(5), None);
+        other_uid.uid = Some(34);
+        assert_eq!(
+            kinds(info(1, Some(5), None), other_uid),
+            [NoticeKind::AccountChanged]
+        );
+        // The same problem again is not news.
+        assert!(kinds(info(0, None, Some("gone")), info(0, None, Some("gone"))).is_empty());
+    }
+}
