@@ -410,10 +410,75 @@ fn thread_of_the_allowed_process_is_allowed() {
         "a thread is its process"
     );
     let copy = w.impostor("zt-threaded");
-    w.assert_denied(
-        "a thread of a copy",
-        run(cmd(&copy, &with(w.tcp(), &["--in-thread"]))),
+    let (outcome, pid) = run(cmd(&copy, &with(w.tcp(), &["--in-thread"])));
+    w.assert_denied("a thread of a copy", (outcome, pid));
+    let e = w.deny_event("thread", |e| e.tgid == pid);
+    assert_ne!(e.pid, e.tgid, "made by the second thread: {e:?}");
+}
+
+#[test]
+fn io_uring_worker_of_the_allowed_process_is_allowed() {
+    // io_uring runs an IOSQE_ASYNC connect in an `iou-wrk` thread of the submitting
+    // process: it is that process (same exe, same credentials).
+    let w = World::exe_only().start(&[]);
+    assert_eq!(
+        run(cmd(&w.app, &with(w.tcp(), &["--io-uring"]))).0,
+        "ok",
+        "io_uring connect by the app"
     );
+    let copy = w.impostor("zt-uring");
+    let (outcome, pid) = run(cmd(&copy, &with(w.tcp(), &["--io-uring"])));
+    w.assert_denied("io_uring connect by a copy", (outcome, pid));
+    let e = w.deny_event("io_uring", |e| e.tgid == pid);
+    assert_ne!(
+        e.pid, e.tgid,
+        "made by a worker thread of the process: {e:?}"
+    );
+}
+
+#[test]
+fn an_interpreter_is_the_identity_not_the_script() {
+    // Documented: `exe = bash` admits every bash script; a copy of bash is another file.
+    // (bash can connect by itself through /dev/tcp.)
+    let w = World::new("exe = \"/bin/bash\"");
+    let w = w.start(&[]);
+    let script = |bash: &Path| {
+        use std::os::unix::ffi::OsStrExt;
+        let procs =
+            std::ffi::CString::new(w.h.cgroup.path.join("cgroup.procs").as_os_str().as_bytes())
+                .expect("path");
+        let mut c = Command::new(bash);
+        c.args([
+            "-c",
+            &format!(
+                "(exec 3<>/dev/tcp/127.0.0.1/{}) 2>/dev/null && echo ok || echo eperm",
+                w.port
+            ),
+        ]);
+        // SAFETY: only async-signal-safe calls (open, write, close) between fork and exec.
+        unsafe {
+            c.pre_exec(move || {
+                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                if fd < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                let n = libc::write(fd, b"0".as_ptr().cast(), 1);
+                libc::close(fd);
+                if n == 1 {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
+            });
+        }
+        run(c).0
+    };
+    assert_eq!(script(Path::new("/bin/bash")), "ok", "any bash script");
+    let copy = w.dir.path().join("bash");
+    std::fs::copy("/bin/bash", &copy).expect("copy bash");
+    assert_eq!(script(&copy), "eperm", "a copy of the interpreter");
+    let ino = exe_key(&copy).1;
+    w.deny_event("a copy of bash", |e| e.exe_ino == ino);
 }
 
 #[test]

@@ -173,6 +173,8 @@ struct State {
     units_root: PathBuf,
     /// Where notices go (set once the history exists).
     history: Option<Arc<Mutex<History>>>,
+    /// An identity changed while an apply was pending: re-resolve once it is settled.
+    reresolve_due: bool,
     loader: Loader,
     compiled: Compiled,
     opts: Options,
@@ -336,8 +338,11 @@ impl State {
     /// policy text is read again; if it no longer validates, the file watch reports that.
     fn reresolve(&mut self) {
         if self.pending.is_some() {
+            // Done once the apply is confirmed or rolled back (housekeeping).
+            self.reresolve_due = true;
             return;
         }
+        self.reresolve_due = false;
         match self.compile(&self.opts.policy.clone(), true) {
             Ok((compiled, _)) => {
                 self.notice_changes(&compiled);
@@ -833,6 +838,7 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
     let mut state = State {
         units_root,
         history: None,
+        reresolve_due: false,
         compiled,
         opts: opts.clone(),
         last_reload: ReloadResult {
@@ -985,6 +991,9 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
             _ = housekeeping.tick() => {
                 if let Ok(mut s) = state.lock() {
                     s.rollback_if_due();
+                    if s.reresolve_due && s.pending.is_none() {
+                        s.reresolve();
+                    }
                     if !opts.check_interval.is_zero() && last_check.elapsed() >= opts.check_interval {
                         last_check = Instant::now();
                         s.check_and_repair();

@@ -70,6 +70,9 @@ enum Cmd {
         /// Make the call from a new thread of this process.
         #[arg(long)]
         in_thread: bool,
+        /// TCP only: connect through io_uring (`IOSQE_ASYNC`: run by an `iou-wrk` thread).
+        #[arg(long)]
+        io_uring: bool,
         /// After joining `--cgroup`, move this process to another cgroup (cgroup2 dir).
         #[arg(long)]
         move_to: Option<PathBuf>,
@@ -259,6 +262,7 @@ fn main() {
             src,
             comm,
             in_thread,
+            io_uring,
             move_to,
             report,
         } => {
@@ -289,7 +293,9 @@ fn main() {
             } else {
                 addr
             };
-            let result = if in_thread {
+            let result = if io_uring {
+                outcome(uring_connect(addr))
+            } else if in_thread {
                 std::thread::spawn(move || outcome(call(proto, addr, unconnected, src)))
                     .join()
                     .unwrap_or_else(|_| "error:thread panicked".to_string())
@@ -437,6 +443,42 @@ fn main() {
             hold_tcp(addr, Duration::from_millis(timeout_ms.max(1)));
         }
     }
+}
+
+/// A TCP connect submitted to io_uring with `IOSQE_ASYNC` (so an `iou-wrk` worker thread
+/// makes it), then the usual echo on the connected socket.
+fn uring_connect(addr: SocketAddr) -> std::io::Result<()> {
+    use io_uring::{opcode, squeue::Flags, types, IoUring};
+    use nix::sys::socket::SockaddrLike;
+    use std::os::fd::AsRawFd;
+    let domain = if addr.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
+    let fd = socket(domain, libc::SOCK_STREAM)?;
+    let to = nix::sys::socket::SockaddrStorage::from(addr);
+    let mut ring = IoUring::new(4)?;
+    let op = opcode::Connect::new(types::Fd(fd.as_raw_fd()), to.as_ptr(), to.len())
+        .build()
+        .flags(Flags::ASYNC)
+        .user_data(1);
+    // SAFETY: the socket and the address outlive the submission (we wait for it below).
+    unsafe { ring.submission().push(&op) }.map_err(std::io::Error::other)?;
+    ring.submit_and_wait(1)?;
+    let cqe = ring
+        .completion()
+        .next()
+        .ok_or_else(|| std::io::Error::other("no completion"))?;
+    if cqe.result() < 0 {
+        return Err(std::io::Error::from_raw_os_error(-cqe.result()));
+    }
+    let mut s = TcpStream::from(fd);
+    s.set_read_timeout(Some(TIMEOUT))?;
+    s.write_all(b"ping")?;
+    let mut buf = [0u8; 4];
+    s.read_exact(&mut buf)?;
+    expect_echo(&buf)
 }
 
 /// See `Cmd::Exec`; returns only on failure, with the reason.
