@@ -642,6 +642,11 @@ fn upgrade_by_rename_follows_the_new_file() {
     assert!(renamed.elapsed() < Duration::from_secs(2));
     assert_eq!(n["identity"], "app");
     assert_eq!(n["code"], 1);
+    assert_eq!(
+        n["generation"],
+        w.ztd().status().generation,
+        "the notice names the generation that follows the new file"
+    );
     let new = exe_key(&w.app);
     assert_ne!(old, new);
     let st = w.status_identity();

@@ -237,9 +237,10 @@ impl State {
                 for w in &warnings {
                     warn!("{w}");
                 }
-                self.notice_changes(&compiled);
+                let changes = notice::changes(&self.compiled.identities, &compiled.identities);
                 match self.loader.apply_or_keep(&compiled, self.flags()) {
                     Ok((generation, true)) => {
+                        self.raise(changes, generation);
                         let message = format!(
                             "generation {generation}: unchanged ({} rules, {} identities); nothing written",
                             compiled.rules.len(),
@@ -255,6 +256,7 @@ impl State {
                         Response::Ok { message }
                     }
                     Ok((generation, false)) => {
+                        self.raise(changes, generation);
                         let message = format!(
                             "generation {generation}: {} rules, {} identities",
                             compiled.rules.len(),
@@ -299,18 +301,12 @@ impl State {
         Ok((compiled, warnings))
     }
 
-    /// Log and keep a notice for every identity whose resolution differs between the active
-    /// policy and `next`.
-    fn notice_changes(&mut self, next: &Compiled) {
-        let changes = notice::changes(&self.compiled.identities, &next.identities);
-        if changes.is_empty() {
-            return;
-        }
-        let generation = self.loader.active().map(|(_, c)| c.generation).unwrap_or(0);
+    /// Log and keep a notice for each change ([`notice::changes`]), now in force as
+    /// `generation`.
+    fn raise(&mut self, changes: Vec<(zt_common::NoticeKind, String, String)>, generation: u64) {
         for (kind, identity, message) in changes {
             let mut n = Notice::new(kind, &identity, message, now_ns());
-            // The generation the change is written as (or the active one if unchanged).
-            n.generation = generation + 1;
+            n.generation = generation;
             match log_format() {
                 LogFormat::Text => warn!("ztd: {}", n.text()),
                 LogFormat::Json => emit_line(
@@ -345,9 +341,10 @@ impl State {
         self.reresolve_due = false;
         match self.compile(&self.opts.policy.clone(), true) {
             Ok((compiled, _)) => {
-                self.notice_changes(&compiled);
+                let changes = notice::changes(&self.compiled.identities, &compiled.identities);
                 match self.loader.apply_or_keep(&compiled, self.flags()) {
                     Ok((generation, kept)) => {
+                        self.raise(changes, generation);
                         if !kept {
                             say!(
                                 "ztd: identities re-resolved: generation {generation}: {} rules, {} identities",
