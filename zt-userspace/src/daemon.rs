@@ -63,8 +63,8 @@ macro_rules! warn {
 use crate::{
     btf,
     control::{
-        Decisions, EventStats, HookDecisions, IdentityStatus, PendingApply, ReloadResult, Request,
-        Response, RuleCounter, Status, TopFlow,
+        Decisions, EventStats, HookDecisions, PendingApply, ReloadResult, Request, Response,
+        RuleCounter, Status, TopFlow,
     },
     enrich::Enricher,
     events,
@@ -361,37 +361,6 @@ impl State {
                 warn!("ztd: re-resolving identities: {e}; the last good policy stays enforced")
             }
         }
-    }
-
-    /// The identities as `status` shows them.
-    fn identity_status(&self) -> Vec<IdentityStatus> {
-        self.compiled
-            .identities
-            .iter()
-            .map(|i| IdentityStatus {
-                name: i.name.clone(),
-                location: format!("{}:{}:{}", i.path.display(), i.line, i.column),
-                mode: i.mode.as_str().to_string(),
-                exe: i.exe.as_ref().map(|e| e.path.clone()),
-                exe_real: i.exe.as_ref().and_then(|e| e.real_path.clone()),
-                exe_dev: i
-                    .exe
-                    .as_ref()
-                    .filter(|e| e.key.ino != 0)
-                    .map(|e| format!("{}:{}", e.key.dev >> 20, e.key.dev & 0xf_ffff)),
-                exe_ino: i.exe.as_ref().map(|e| e.key.ino).filter(|&ino| ino != 0),
-                sha256: i.sha256.clone(),
-                user: i.user.clone(),
-                uid: i.uid,
-                group: i.group.clone(),
-                gid: i.gid,
-                unit: i.unit.clone(),
-                cgroup: i.cgroup.as_ref().map(|c| format!("/{}", c.path)),
-                cgroup_id: i.cgroup.as_ref().and_then(|c| c.id),
-                matchable: i.matchable,
-                problem: i.problem.clone(),
-            })
-            .collect()
     }
 
     /// `ztctl apply PATH --confirm-within D`: apply PATH as the next generation now; roll
@@ -714,7 +683,12 @@ impl State {
             problems,
             repairs: self.repairs,
             last_repair: self.last_repair.clone(),
-            identities_resolved: self.identity_status(),
+            identities_resolved: self
+                .compiled
+                .identities
+                .iter()
+                .map(identity_watch::status_of)
+                .collect(),
             pending_apply: self.pending.as_ref().map(|p| PendingApply {
                 path: p.path.clone(),
                 generation: p.generation,

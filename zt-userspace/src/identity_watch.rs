@@ -19,7 +19,35 @@ use std::{
 
 use tokio::sync::mpsc;
 
-use crate::policy::{find_unit, unit_search_dirs, IdentityInfo};
+use crate::{
+    control::IdentityStatus,
+    policy::{find_unit, unit_search_dirs, IdentityInfo},
+};
+
+/// An identity as `ztctl status` shows it: what its names resolved to.
+pub fn status_of(i: &IdentityInfo) -> IdentityStatus {
+    let exe = i.exe.as_ref();
+    let pinned = exe.filter(|e| e.key.ino != 0);
+    IdentityStatus {
+        name: i.name.clone(),
+        location: format!("{}:{}:{}", i.path.display(), i.line, i.column),
+        mode: i.mode.as_str().to_string(),
+        exe: exe.map(|e| e.path.clone()),
+        exe_real: exe.and_then(|e| e.real_path.clone()),
+        exe_dev: pinned.map(|e| format!("{}:{}", e.key.dev >> 20, e.key.dev & 0xf_ffff)),
+        exe_ino: pinned.map(|e| e.key.ino),
+        sha256: i.sha256.clone(),
+        user: i.user.clone(),
+        uid: i.uid,
+        group: i.group.clone(),
+        gid: i.gid,
+        unit: i.unit.clone(),
+        cgroup: i.cgroup.as_ref().map(|c| format!("/{}", c.path)),
+        cgroup_id: i.cgroup.as_ref().and_then(|c| c.id),
+        matchable: i.matchable,
+        problem: i.problem.clone(),
+    }
+}
 
 /// Fallback poll interval (inotify usually reports first).
 pub const POLL: Duration = Duration::from_millis(400);
