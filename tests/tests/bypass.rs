@@ -857,3 +857,27 @@ fn status_lists_what_each_identity_resolved_to() {
     let copy = w.impostor("zt-status");
     w.assert_denied("a copy", run(cmd(&copy, &w.tcp())));
 }
+
+#[test]
+fn replacement_is_followed_even_while_the_policy_file_is_being_edited() {
+    let w = World::exe_only().start(&[]);
+    // A half-written policy file: the file watch refuses it, the last good policy stays.
+    w.h.write_policy("p.toml", "version = 1\n[identity.app\n");
+    let refused = Instant::now() + Duration::from_secs(3);
+    while !w.ztd().lines().iter().any(|l| l.contains("reload refused")) {
+        assert!(Instant::now() < refused, "{}", w.ztd().lines().join("\n"));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let staged = w.dir.path().join(".zt-app.new");
+    std::fs::copy(&w.h.probe, &staged).expect("stage");
+    std::fs::rename(&staged, &w.app).expect("rename");
+    // Identities are resolved again from the text that was compiled, not the broken file.
+    w.wait_notice("exe_replaced", Duration::from_secs(2));
+    assert_eq!(
+        run(cmd(&w.app, &w.tcp())).0,
+        "ok",
+        "the new file is allowed"
+    );
+    let copy = w.impostor("zt-copy");
+    w.assert_denied("a copy", run(cmd(&copy, &w.tcp())));
+}

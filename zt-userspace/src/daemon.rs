@@ -168,7 +168,54 @@ pub fn compile_policy(
     Ok((compiled, warnings))
 }
 
+/// A compiled policy, its warnings and the text it was compiled from.
+type Compiled3 = (Compiled, Vec<Diagnostic>, Vec<(PathBuf, String)>);
+
+/// Read, validate, resolve and compile the policy at `paths` (see [`compile_sources`]).
+fn compile_paths(
+    cgroup_root: &Path,
+    units_root: &Path,
+    paths: &[PathBuf],
+    lenient: bool,
+) -> Result<Compiled3, DaemonError> {
+    let resolver = LiveResolver {
+        system: SystemResolver {
+            cgroup_root: cgroup_root.to_path_buf(),
+        },
+        units_root: units_root.to_path_buf(),
+        lenient,
+    };
+    let (policy, warnings, sources) =
+        policy::load_keeping_sources(paths, &resolver).map_err(DaemonError::Policy)?;
+    let compiled = policy::compile(&policy)?;
+    Ok((compiled, warnings, sources))
+}
+
+/// Validate, resolve (units below `units_root`; `lenient`: a missing `exe` disables its
+/// identity instead of refusing the policy) and compile policy text.
+fn compile_sources(
+    cgroup_root: &Path,
+    units_root: &Path,
+    sources: &[(PathBuf, String)],
+    lenient: bool,
+) -> Result<(Compiled, Vec<Diagnostic>), DaemonError> {
+    let resolver = LiveResolver {
+        system: SystemResolver {
+            cgroup_root: cgroup_root.to_path_buf(),
+        },
+        units_root: units_root.to_path_buf(),
+        lenient,
+    };
+    let (policy, warnings) =
+        policy::load_sources(sources, &resolver).map_err(DaemonError::Policy)?;
+    let compiled = policy::compile(&policy)?;
+    Ok((compiled, warnings))
+}
+
 struct State {
+    /// The policy text the active generation was compiled from: identities are resolved
+    /// again from it, whatever state the files are in.
+    sources: Vec<(PathBuf, String)>,
     /// Where units are searched (`--units-root`, else the cgroup2 root).
     units_root: PathBuf,
     /// Where notices go (set once the history exists).
@@ -200,6 +247,7 @@ struct Pending {
     deadline: Instant,
     deadline_unix: u64,
     previous: Compiled,
+    previous_sources: Vec<(PathBuf, String)>,
 }
 
 fn now_secs() -> u64 {
@@ -233,10 +281,11 @@ impl State {
             return self.refused(message, Vec::new());
         }
         match self.compile(&self.opts.policy.clone(), false) {
-            Ok((compiled, warnings)) => {
+            Ok((compiled, warnings, sources)) => {
                 for w in &warnings {
                     warn!("{w}");
                 }
+                self.sources = sources;
                 let changes = notice::changes(&self.compiled.identities, &compiled.identities);
                 match self.loader.apply_or_keep(&compiled, self.flags()) {
                     Ok((generation, true)) => {
@@ -284,21 +333,9 @@ impl State {
 
     /// Parse, validate, resolve (units below `--units-root`; `lenient`: a missing `exe`
     /// disables its identity instead of refusing the policy) and compile.
-    fn compile(
-        &self,
-        paths: &[PathBuf],
-        lenient: bool,
-    ) -> Result<(Compiled, Vec<Diagnostic>), DaemonError> {
-        let resolver = LiveResolver {
-            system: SystemResolver {
-                cgroup_root: self.cgroup_root.clone(),
-            },
-            units_root: self.units_root.clone(),
-            lenient,
-        };
-        let (policy, warnings) = policy::load(paths, &resolver).map_err(DaemonError::Policy)?;
-        let compiled = policy::compile(&policy)?;
-        Ok((compiled, warnings))
+    /// Returns the text it compiled too, for [`State::reresolve`].
+    fn compile(&self, paths: &[PathBuf], lenient: bool) -> Result<Compiled3, DaemonError> {
+        compile_paths(&self.cgroup_root, &self.units_root, paths, lenient)
     }
 
     /// Log and keep a notice for each change ([`notice::changes`]), now in force as
@@ -339,7 +376,7 @@ impl State {
             return;
         }
         self.reresolve_due = false;
-        match self.compile(&self.opts.policy.clone(), true) {
+        match compile_sources(&self.cgroup_root, &self.units_root, &self.sources, true) {
             Ok((compiled, _)) => {
                 let changes = notice::changes(&self.compiled.identities, &compiled.identities);
                 match self.loader.apply_or_keep(&compiled, self.flags()) {
@@ -355,6 +392,12 @@ impl State {
                         self.compiled = compiled;
                     }
                     Err(e) => warn!("ztd: applying re-resolved identities failed: {e}; retrying on the next change"),
+                }
+            }
+            Err(DaemonError::Policy(diags)) => {
+                warn!("ztd: re-resolving identities failed; the last good policy stays enforced");
+                for d in &diags {
+                    warn!("{d}");
                 }
             }
             Err(e) => {
@@ -376,12 +419,12 @@ impl State {
                 diagnostics: Vec::new(),
             };
         }
-        let compiled = match self.compile(std::slice::from_ref(&path), false) {
-            Ok((compiled, warnings)) => {
+        let (compiled, sources) = match self.compile(std::slice::from_ref(&path), false) {
+            Ok((compiled, warnings, sources)) => {
                 for w in &warnings {
                     warn!("{w}");
                 }
-                compiled
+                (compiled, sources)
             }
             Err(DaemonError::Policy(diags)) => {
                 return Response::Error {
@@ -407,7 +450,9 @@ impl State {
                 );
                 say!("ztd: apply: {message}");
                 let previous = std::mem::replace(&mut self.compiled, compiled);
+                let previous_sources = std::mem::replace(&mut self.sources, sources);
                 self.pending = Some(Pending {
+                    previous_sources,
                     path,
                     generation,
                     deadline: Instant::now() + within,
@@ -471,6 +516,7 @@ impl State {
                 );
                 warn!("ztd: {message}");
                 self.compiled = p.previous;
+                self.sources = p.previous_sources;
                 self.last_reload = ReloadResult {
                     ok: true,
                     at: now_secs(),
@@ -779,15 +825,8 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
     let cgroup_root = check_cgroup(&opts.cgroup)?;
     let units_root = check_units_root(&cgroup_root, opts.units_root.as_deref())?;
     // Everything that can fail on bad input happens before the kernel is touched.
-    let resolver = LiveResolver {
-        system: SystemResolver {
-            cgroup_root: cgroup_root.clone(),
-        },
-        units_root: units_root.clone(),
-        lenient: false,
-    };
-    let (policy, warnings) = policy::load(&opts.policy, &resolver).map_err(DaemonError::Policy)?;
-    let compiled = policy::compile(&policy)?;
+    let (compiled, warnings, sources) =
+        compile_paths(&cgroup_root, &units_root, &opts.policy, false)?;
     for w in &warnings {
         warn!("{w}");
     }
@@ -808,6 +847,7 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
     let loader = Loader::load(&layout, &opts.cgroup, offsets)?;
     let mut state = State {
         units_root,
+        sources,
         history: None,
         reresolve_due: false,
         compiled,

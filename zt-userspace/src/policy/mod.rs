@@ -352,6 +352,34 @@ pub fn load(
     finish(&sources, resolver, diags)
 }
 
+/// Reads the policy files as [`load`] does, without checking them: `(sources, diagnostics)`
+/// (a file that cannot be read is an error diagnostic). With [`load_sources`], the text
+/// that was compiled can be kept and resolved again later.
+pub fn read_sources(paths: &[PathBuf]) -> (Sources, Vec<Diagnostic>) {
+    let mut diags = Vec::new();
+    let mut sources = Vec::new();
+    for path in parse::discover(paths, &mut diags) {
+        match parse::read_source(&path) {
+            Ok(text) => sources.push((path, text)),
+            Err(d) => diags.push(d),
+        }
+    }
+    (sources, diags)
+}
+
+/// Policy files as read: `(path, text)` in policy order.
+pub type Sources = Vec<(PathBuf, String)>;
+
+/// [`load`], also returning the text it read (for resolving the same policy again later).
+pub fn load_keeping_sources(
+    paths: &[PathBuf],
+    resolver: &dyn Resolve,
+) -> Result<(Policy, Vec<Diagnostic>, Sources), Vec<Diagnostic>> {
+    let (sources, diags) = read_sources(paths);
+    let (policy, warnings) = finish(&sources, resolver, diags)?;
+    Ok((policy, warnings, sources))
+}
+
 /// Like [`load`], for policy text already in memory: `(path used in diagnostics, text)` in
 /// policy order.
 pub fn load_sources(
