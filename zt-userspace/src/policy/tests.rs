@@ -1562,6 +1562,9 @@ impl Resolve for Lenient {
     fn cgroup_id(&self, rel: &str) -> io::Result<u64> {
         Ok(rel.len() as u64)
     }
+    fn unit_cgroup(&self, unit: &str) -> io::Result<(String, u64)> {
+        Ok((format!("system.slice/{unit}"), unit.len() as u64))
+    }
 }
 
 #[test]
