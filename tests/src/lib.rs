@@ -1331,7 +1331,8 @@ pub fn parse_event_lines(text: &str) -> Vec<zt::history::EventRecord> {
         .collect()
 }
 
-/// One line of `ztctl events --json`: `Ok(None)` for a `{"missed":N}` line, `Err` with the
+/// One line of `ztctl events --json`: `Ok(None)` for a `{"missed":N}` or `{"notice":{...}}`
+/// line, `Err` with the
 /// reason if the line is not an event record of the contract.
 pub fn parse_event_line(line: &str) -> Result<Option<zt::history::EventRecord>, String> {
     let v: serde_json::Value =
@@ -1339,7 +1340,7 @@ pub fn parse_event_line(line: &str) -> Result<Option<zt::history::EventRecord>, 
     let obj = v
         .as_object()
         .ok_or_else(|| format!("not a JSON object: {line}"))?;
-    if obj.len() == 1 && obj.contains_key("missed") {
+    if obj.len() == 1 && (obj.contains_key("missed") || obj.contains_key("notice")) {
         return Ok(None);
     }
     let missing: Vec<&str> = zt::history::EVENT_RECORD_FIELDS

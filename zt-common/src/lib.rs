@@ -484,6 +484,53 @@ pub const MAX_RATE_KEYS: u32 = 16384;
 /// Ring buffer size in bytes (a power of two, a multiple of the page size).
 pub const EVENT_RING_BYTES: u32 = 1 << 22;
 
+/// What `ztd` reports about an identity whose resolution changed (a notice in `ztctl events`
+/// and the log). Made in userspace, never by the kernel; stable codes: append, never renumber.
+#[repr(u16)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NoticeKind {
+    /// The file at an `exe` path was replaced (new device+inode) and passed the identity's
+    /// checks: the rule follows the new file.
+    ExeReplaced = 1,
+    /// The file at an `exe` path is gone: the identity matches nothing until it is back.
+    ExeMissing = 2,
+    /// The file's SHA-256 is not the pinned `sha256`: the identity matches nothing.
+    HashMismatch = 3,
+    /// A `unit`'s or `cgroup`'s cgroup was (re)created with a new id: rules follow it.
+    CgroupChanged = 4,
+    /// A `unit`'s or `cgroup`'s cgroup is gone: its old id is removed from the maps.
+    CgroupGone = 5,
+    /// An identity that matched nothing (missing file, hash mismatch) matches again.
+    Restored = 6,
+    /// A `user`/`group` name resolves to another id than before (NSS changed).
+    AccountChanged = 7,
+}
+
+impl NoticeKind {
+    pub const ALL: [NoticeKind; 7] = [
+        NoticeKind::ExeReplaced,
+        NoticeKind::ExeMissing,
+        NoticeKind::HashMismatch,
+        NoticeKind::CgroupChanged,
+        NoticeKind::CgroupGone,
+        NoticeKind::Restored,
+        NoticeKind::AccountChanged,
+    ];
+
+    /// The stable name (`exe_replaced`, ...).
+    pub fn name(self) -> &'static str {
+        match self {
+            NoticeKind::ExeReplaced => "exe_replaced",
+            NoticeKind::ExeMissing => "exe_missing",
+            NoticeKind::HashMismatch => "sha256_mismatch",
+            NoticeKind::CgroupChanged => "cgroup_changed",
+            NoticeKind::CgroupGone => "cgroup_gone",
+            NoticeKind::Restored => "restored",
+            NoticeKind::AccountChanged => "account_changed",
+        }
+    }
+}
+
 #[cfg(feature = "user")]
 mod pod {
     use super::*;
@@ -563,6 +610,8 @@ mod tests {
         assert_eq!(Verdict::Audit as u8, 3);
         assert_eq!(Stat::EventLost as u32, 6);
         assert_eq!(Stat::RingFill as u32, 11);
+        assert_eq!(NoticeKind::ExeReplaced as u16, 1);
+        assert_eq!(NoticeKind::AccountChanged as u16, 7);
         for hook in Hook::ALL {
             assert_eq!(Hook::from_code(hook as u8), Some(hook));
         }

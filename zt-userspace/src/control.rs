@@ -181,6 +181,56 @@ pub struct Status {
     /// The flow store of learning mode (`null` with `--no-flows`).
     #[serde(default)]
     pub flows: Option<crate::flows::StoreStatus>,
+    /// Each declared identity, what it resolved to, and whether it can match now.
+    #[serde(default)]
+    pub identities_resolved: Vec<IdentityStatus>,
+}
+
+/// One identity in `status`: what its names resolved to on this system.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct IdentityStatus {
+    pub name: String,
+    /// `path:line:column` of its `[identity.NAME]`.
+    pub location: String,
+    pub mode: String,
+    /// `exe` as written.
+    #[serde(default)]
+    pub exe: Option<PathBuf>,
+    /// The file `exe` resolves to through symlinks, when it differs.
+    #[serde(default)]
+    pub exe_real: Option<PathBuf>,
+    /// Device of the pinned file, `major:minor` (None: the file is missing).
+    #[serde(default)]
+    pub exe_dev: Option<String>,
+    #[serde(default)]
+    pub exe_ino: Option<u64>,
+    /// The pinned content hash (hex), when `sha256` is given.
+    #[serde(default)]
+    pub sha256: Option<String>,
+    /// `user` as written (by name), and the uid it resolved to (or `uid = N`).
+    #[serde(default)]
+    pub user: Option<String>,
+    #[serde(default)]
+    pub uid: Option<u32>,
+    #[serde(default)]
+    pub group: Option<String>,
+    #[serde(default)]
+    pub gid: Option<u32>,
+    /// `unit` as written.
+    #[serde(default)]
+    pub unit: Option<String>,
+    /// The cgroup (`cgroup`, or where `unit` was found) relative to the cgroup2 mount.
+    #[serde(default)]
+    pub cgroup: Option<String>,
+    /// Its id (None: absent now, the identity matches nothing).
+    #[serde(default)]
+    pub cgroup_id: Option<u64>,
+    /// Whether some process can match it now.
+    pub matchable: bool,
+    /// Why it matches nothing, when that is a fault (missing file, sha256 mismatch); such
+    /// identities are also listed in `problems` (status unhealthy).
+    #[serde(default)]
+    pub problem: Option<String>,
 }
 
 /// A `ztctl apply` waiting for `ztctl confirm`.

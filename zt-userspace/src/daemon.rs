@@ -70,9 +70,11 @@ use crate::{
     events,
     flows::{self, FlowStore},
     history::{log_line, now_ns, EventFilter, EventRecord, FollowItem, History, LogFormat},
+    identity_watch::{self, Targets},
     loader::{self, HookStart, Layout, Loader, LoaderError},
     metrics::{self, MetricsSnapshot},
-    policy::{self, Compiled, Diagnostic, SystemResolver},
+    notice::{self, Notice},
+    policy::{self, Compiled, Diagnostic, LiveResolver, SystemResolver},
     sys,
     xdp::{self, XdpFront, XdpModePref},
 };
@@ -120,6 +122,9 @@ pub struct Options {
     pub watch: bool,
     /// The persistent flow store (`--flows-*`; `None`: `--no-flows`).
     pub flows: Option<flows::StoreConfig>,
+    /// Where `unit = "..."` identities are searched (`--units-root`; default: the cgroup2
+    /// root).
+    pub units_root: Option<PathBuf>,
 }
 
 /// The symlink a Kubernetes ConfigMap or Secret volume swaps atomically on update.
@@ -152,6 +157,8 @@ pub enum DaemonError {
     NotACgroup(PathBuf),
     #[error(transparent)]
     Xdp(#[from] xdp::XdpError),
+    #[error("--units-root {dir} is not a directory below the cgroup2 mount {root}: pass a cgroup directory (units are searched in its system.slice, user slices and nested slices)")]
+    NotAUnitsRoot { dir: PathBuf, root: PathBuf },
 }
 
 /// Parse, validate, resolve and compile the policy at `paths`.
@@ -167,7 +174,60 @@ pub fn compile_policy(
     Ok((compiled, warnings))
 }
 
+/// A compiled policy, its warnings and the text it was compiled from.
+type Compiled3 = (Compiled, Vec<Diagnostic>, Vec<(PathBuf, String)>);
+
+/// Read, validate, resolve and compile the policy at `paths` (see [`compile_sources`]).
+fn compile_paths(
+    cgroup_root: &Path,
+    units_root: &Path,
+    paths: &[PathBuf],
+    lenient: bool,
+) -> Result<Compiled3, DaemonError> {
+    let resolver = LiveResolver {
+        system: SystemResolver {
+            cgroup_root: cgroup_root.to_path_buf(),
+        },
+        units_root: units_root.to_path_buf(),
+        lenient,
+    };
+    let (policy, warnings, sources) =
+        policy::load_keeping_sources(paths, &resolver).map_err(DaemonError::Policy)?;
+    let compiled = policy::compile(&policy)?;
+    Ok((compiled, warnings, sources))
+}
+
+/// Validate, resolve (units below `units_root`; `lenient`: a missing `exe` disables its
+/// identity instead of refusing the policy) and compile policy text.
+fn compile_sources(
+    cgroup_root: &Path,
+    units_root: &Path,
+    sources: &[(PathBuf, String)],
+    lenient: bool,
+) -> Result<(Compiled, Vec<Diagnostic>), DaemonError> {
+    let resolver = LiveResolver {
+        system: SystemResolver {
+            cgroup_root: cgroup_root.to_path_buf(),
+        },
+        units_root: units_root.to_path_buf(),
+        lenient,
+    };
+    let (policy, warnings) =
+        policy::load_sources(sources, &resolver).map_err(DaemonError::Policy)?;
+    let compiled = policy::compile(&policy)?;
+    Ok((compiled, warnings))
+}
+
 struct State {
+    /// The policy text the active generation was compiled from: identities are resolved
+    /// again from it, whatever state the files are in.
+    sources: Vec<(PathBuf, String)>,
+    /// Where units are searched (`--units-root`, else the cgroup2 root).
+    units_root: PathBuf,
+    /// Where notices go (set once the history exists).
+    history: Option<Arc<Mutex<History>>>,
+    /// An identity changed while an apply was pending: re-resolve once it is settled.
+    reresolve_due: bool,
     loader: Loader,
     compiled: Compiled,
     opts: Options,
@@ -195,6 +255,7 @@ struct Pending {
     deadline: Instant,
     deadline_unix: u64,
     previous: Compiled,
+    previous_sources: Vec<(PathBuf, String)>,
 }
 
 fn now_secs() -> u64 {
@@ -228,13 +289,16 @@ impl State {
             );
             return self.refused(message, Vec::new());
         }
-        match compile_policy(&self.opts.policy, &self.cgroup_root) {
-            Ok((compiled, warnings)) => {
+        match self.compile(&self.opts.policy.clone(), false) {
+            Ok((compiled, warnings, sources)) => {
                 for w in &warnings {
                     warn!("{w}");
                 }
+                self.sources = sources;
+                let changes = notice::changes(&self.compiled.identities, &compiled.identities);
                 match self.loader.apply_or_keep(&compiled, self.flags()) {
                     Ok((generation, true)) => {
+                        self.raise(changes, generation);
                         let message = format!(
                             "generation {generation}: unchanged ({} rules, {} identities); nothing written",
                             compiled.rules.len(),
@@ -250,6 +314,7 @@ impl State {
                         Response::Ok { message }
                     }
                     Ok((generation, false)) => {
+                        self.raise(changes, generation);
                         let message = format!(
                             "generation {generation}: {} rules, {} identities",
                             compiled.rules.len(),
@@ -275,6 +340,81 @@ impl State {
         }
     }
 
+    /// Parse, validate, resolve (units below `--units-root`; `lenient`: a missing `exe`
+    /// disables its identity instead of refusing the policy) and compile.
+    /// Returns the text it compiled too, for [`State::reresolve`].
+    fn compile(&self, paths: &[PathBuf], lenient: bool) -> Result<Compiled3, DaemonError> {
+        compile_paths(&self.cgroup_root, &self.units_root, paths, lenient)
+    }
+
+    /// Log and keep a notice for each change ([`notice::changes`]), now in force as
+    /// `generation`.
+    fn raise(&mut self, changes: Vec<(zt_common::NoticeKind, String, String)>, generation: u64) {
+        for (kind, identity, message) in changes {
+            let mut n = Notice::new(kind, &identity, message, now_ns());
+            n.generation = generation;
+            match log_format() {
+                LogFormat::Text => warn!("ztd: {}", n.text()),
+                LogFormat::Json => emit_line(
+                    true,
+                    "warn",
+                    "notice",
+                    &[
+                        ("kind", serde_json::Value::from(n.kind.clone())),
+                        ("code", serde_json::Value::from(n.code)),
+                        ("identity", serde_json::Value::from(n.identity.clone())),
+                        ("message", serde_json::Value::from(n.message.clone())),
+                    ],
+                ),
+            }
+            if let Some(h) = &self.history {
+                if let Ok(mut h) = h.lock() {
+                    h.push_notice(n);
+                }
+            }
+        }
+    }
+
+    /// Something an identity names changed on the system (a file replaced, a cgroup
+    /// recreated): resolve the active policy again and apply the result if it differs. The
+    /// policy text is read again; if it no longer validates, the file watch reports that.
+    fn reresolve(&mut self) {
+        if self.pending.is_some() {
+            // Done once the apply is confirmed or rolled back (housekeeping).
+            self.reresolve_due = true;
+            return;
+        }
+        self.reresolve_due = false;
+        match compile_sources(&self.cgroup_root, &self.units_root, &self.sources, true) {
+            Ok((compiled, _)) => {
+                let changes = notice::changes(&self.compiled.identities, &compiled.identities);
+                match self.loader.apply_or_keep(&compiled, self.flags()) {
+                    Ok((generation, kept)) => {
+                        self.raise(changes, generation);
+                        if !kept {
+                            say!(
+                                "ztd: identities re-resolved: generation {generation}: {} rules, {} identities",
+                                compiled.rules.len(),
+                                compiled.identities.len()
+                            );
+                        }
+                        self.compiled = compiled;
+                    }
+                    Err(e) => warn!("ztd: applying re-resolved identities failed: {e}; retrying on the next change"),
+                }
+            }
+            Err(DaemonError::Policy(diags)) => {
+                warn!("ztd: re-resolving identities failed; the last good policy stays enforced");
+                for d in &diags {
+                    warn!("{d}");
+                }
+            }
+            Err(e) => {
+                warn!("ztd: re-resolving identities: {e}; the last good policy stays enforced")
+            }
+        }
+    }
+
     /// `ztctl apply PATH --confirm-within D`: apply PATH as the next generation now; roll
     /// back unless confirmed in time. An invalid PATH changes nothing.
     fn apply_pending(&mut self, path: PathBuf, within: Duration) -> Response {
@@ -288,12 +428,12 @@ impl State {
                 diagnostics: Vec::new(),
             };
         }
-        let compiled = match compile_policy(std::slice::from_ref(&path), &self.cgroup_root) {
-            Ok((compiled, warnings)) => {
+        let (compiled, sources) = match self.compile(std::slice::from_ref(&path), false) {
+            Ok((compiled, warnings, sources)) => {
                 for w in &warnings {
                     warn!("{w}");
                 }
-                compiled
+                (compiled, sources)
             }
             Err(DaemonError::Policy(diags)) => {
                 return Response::Error {
@@ -319,7 +459,9 @@ impl State {
                 );
                 say!("ztd: apply: {message}");
                 let previous = std::mem::replace(&mut self.compiled, compiled);
+                let previous_sources = std::mem::replace(&mut self.sources, sources);
                 self.pending = Some(Pending {
+                    previous_sources,
                     path,
                     generation,
                     deadline: Instant::now() + within,
@@ -383,6 +525,7 @@ impl State {
                 );
                 warn!("ztd: {message}");
                 self.compiled = p.previous;
+                self.sources = p.previous_sources;
                 self.last_reload = ReloadResult {
                     ok: true,
                     at: now_secs(),
@@ -409,6 +552,14 @@ impl State {
             .collect();
         for iface in self.xdp_down() {
             out.push(format!("xdp {iface}: the front door is not attached"));
+        }
+        for id in &self.compiled.identities {
+            if let Some(p) = &id.problem {
+                out.push(format!(
+                    "identity {}: {p}; it matches nothing until this is fixed",
+                    id.name
+                ));
+            }
         }
         out
     }
@@ -587,6 +738,12 @@ impl State {
             problems,
             repairs: self.repairs,
             last_repair: self.last_repair.clone(),
+            identities_resolved: self
+                .compiled
+                .identities
+                .iter()
+                .map(identity_watch::status_of)
+                .collect(),
             pending_apply: self.pending.as_ref().map(|p| PendingApply {
                 path: p.path.clone(),
                 generation: p.generation,
@@ -634,6 +791,20 @@ fn check_cgroup(cgroup: &Path) -> Result<PathBuf, DaemonError> {
     Ok(root)
 }
 
+/// `--units-root` (absolute, a directory below the cgroup2 mount), else the cgroup2 root.
+fn check_units_root(cgroup_root: &Path, units_root: Option<&Path>) -> Result<PathBuf, DaemonError> {
+    let Some(dir) = units_root else {
+        return Ok(cgroup_root.to_path_buf());
+    };
+    if !dir.starts_with(cgroup_root) || !dir.is_dir() {
+        return Err(DaemonError::NotAUnitsRoot {
+            dir: dir.to_path_buf(),
+            root: cgroup_root.to_path_buf(),
+        });
+    }
+    Ok(dir.to_path_buf())
+}
+
 /// Bind the control socket: root only (0600); refuse if another daemon answers there.
 fn bind_socket(path: &Path) -> Result<UnixListener, DaemonError> {
     let io = |what| {
@@ -662,8 +833,10 @@ fn bind_socket(path: &Path) -> Result<UnixListener, DaemonError> {
 pub async fn run(opts: Options) -> Result<(), DaemonError> {
     let _ = LOG_FORMAT.set(opts.log_format);
     let cgroup_root = check_cgroup(&opts.cgroup)?;
+    let units_root = check_units_root(&cgroup_root, opts.units_root.as_deref())?;
     // Everything that can fail on bad input happens before the kernel is touched.
-    let (compiled, warnings) = compile_policy(&opts.policy, &cgroup_root)?;
+    let (compiled, warnings, sources) =
+        compile_paths(&cgroup_root, &units_root, &opts.policy, false)?;
     for w in &warnings {
         warn!("{w}");
     }
@@ -683,6 +856,10 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
     };
     let loader = Loader::load(&layout, &opts.cgroup, offsets)?;
     let mut state = State {
+        units_root,
+        sources,
+        history: None,
+        reresolve_due: false,
         compiled,
         opts: opts.clone(),
         last_reload: ReloadResult {
@@ -744,8 +921,24 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
     let enricher = Enricher::new(state.cgroup_root.clone());
     state.flows = flows::Recorder::open(opts.flows.clone(), |e| warn!("ztd: {e}"));
     let flow_store = state.flows.store().cloned();
-    let state = Arc::new(Mutex::new(state));
     let history = Arc::new(Mutex::new(History::new(opts.history.max(1), 4096)));
+    state.history = Some(Arc::clone(&history));
+    for id in &state.compiled.identities {
+        if let Some(p) = &id.problem {
+            warn!(
+                "ztd: identity {}: {p}; it matches nothing until this is fixed",
+                id.name
+            );
+        }
+    }
+    let (resolve_tx, mut resolve_rx) = mpsc::unbounded_channel::<()>();
+    let mut targets = Targets::of(
+        &state.compiled.identities,
+        &state.cgroup_root,
+        &state.units_root,
+    );
+    let mut identity_watcher = identity_watch::spawn(targets.clone(), resolve_tx.clone());
+    let state = Arc::new(Mutex::new(state));
 
     let (metrics_stop, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
     if let Some(addr) = opts.metrics {
@@ -811,6 +1004,12 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
                     s.reload();
                 }
             }
+            Some(()) = resolve_rx.recv() => {
+                while resolve_rx.try_recv().is_ok() {}
+                if let Ok(mut s) = state.lock() {
+                    s.reresolve();
+                }
+            }
             Some(()) = changed_rx.recv() => {
                 if let Ok(mut s) = state.lock() {
                     say!("ztd: the policy files changed; reloading");
@@ -820,9 +1019,18 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
             _ = housekeeping.tick() => {
                 if let Ok(mut s) = state.lock() {
                     s.rollback_if_due();
+                    if s.reresolve_due && s.pending.is_none() {
+                        s.reresolve();
+                    }
                     if !opts.check_interval.is_zero() && last_check.elapsed() >= opts.check_interval {
                         last_check = Instant::now();
                         s.check_and_repair();
+                    }
+                    let now = Targets::of(&s.compiled.identities, &s.cgroup_root, &s.units_root);
+                    if now != targets {
+                        identity_watcher.store(true, Ordering::Relaxed);
+                        targets = now;
+                        identity_watcher = identity_watch::spawn(targets.clone(), resolve_tx.clone());
                     }
                     if std::mem::take(&mut s.rewatch) && opts.watch {
                         if let Some(stop) = watcher.take() {
@@ -986,18 +1194,35 @@ async fn stream_events(
         let _ = write.write_all(text.as_bytes()).await;
         return;
     }
-    let (past, follower) = match history.lock() {
+    let (past, notices, follower) = match history.lock() {
         Ok(h) => {
-            let (past, follower) = h.query_and_subscribe(&filter, now_ns());
-            (past, follow.then_some(follower))
+            let now = now_ns();
+            let (past, follower) = h.query_and_subscribe(&filter, now);
+            (
+                past,
+                h.query_notices(&filter, now),
+                follow.then_some(follower),
+            )
         }
         Err(_) => return,
     };
+    // Decisions and notices, merged by time.
+    let mut items: Vec<(u64, FollowItem)> = past
+        .into_iter()
+        .map(|r| (r.time_ns, FollowItem::Event(Box::new(r))))
+        .collect();
+    items.extend(notices.into_iter().map(|n| {
+        (
+            n.time_ns,
+            FollowItem::Notice {
+                notice: Box::new(n),
+            },
+        )
+    }));
+    items.sort_by_key(|(t, _)| *t);
     let mut out = String::new();
-    for record in past {
-        out.push_str(
-            &serde_json::to_string(&FollowItem::Event(Box::new(record))).unwrap_or_default(),
-        );
+    for (_, item) in items {
+        out.push_str(&serde_json::to_string(&item).unwrap_or_default());
         out.push('\n');
     }
     if write.write_all(out.as_bytes()).await.is_err() {

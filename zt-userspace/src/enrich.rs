@@ -266,6 +266,27 @@ impl Enricher {
     }
 }
 
+/// `/proc/<tgid>/cmdline` as arguments, if that process still runs the file `(dev, ino)`
+/// (checked before and after reading, as for [`Enricher::exe_path`]). For people only:
+/// argv is whatever the process chose to write there, never an identity. At most 32
+/// arguments of at most 256 bytes each.
+pub fn argv_of(tgid: u32, dev: u64, ino: u64) -> Option<Vec<String>> {
+    if tgid == 0 || (dev == 0 && ino == 0) {
+        return None;
+    }
+    let proc_root = Path::new("/proc");
+    exe_of_process(proc_root, tgid, dev, ino)?;
+    let raw = fs::read(proc_root.join(tgid.to_string()).join("cmdline")).ok()?;
+    exe_of_process(proc_root, tgid, dev, ino)?;
+    let argv: Vec<String> = raw
+        .split(|&b| b == 0)
+        .filter(|a| !a.is_empty())
+        .take(32)
+        .map(|a| String::from_utf8_lossy(&a[..a.len().min(256)]).into_owned())
+        .collect();
+    (!argv.is_empty()).then_some(argv)
+}
+
 /// `/proc/<tgid>/exe`'s target, if its (device, inode) are `(dev, ino)`.
 fn exe_of_process(proc_root: &Path, tgid: u32, dev: u64, ino: u64) -> Option<String> {
     let link = proc_root.join(tgid.to_string()).join("exe");

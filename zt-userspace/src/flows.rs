@@ -845,6 +845,7 @@ mod tests {
             exe_ino: 2,
             exe: Some("/usr/bin/curl".into()),
             comm: "curl".into(),
+            argv: None,
             proto: "tcp".into(),
             family: 4,
             local_addr: None,

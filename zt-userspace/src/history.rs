@@ -124,10 +124,15 @@ pub struct EventRecord {
     /// event of that flow (0: none).
     #[serde(default)]
     pub suppressed: u32,
+    /// The process's arguments when ztd read the event, if it still ran the judged file
+    /// (`/proc/<tgid>/cmdline`): informative only, written by the process itself, never an
+    /// identity. `null` when unknown.
+    #[serde(default)]
+    pub argv: Option<Vec<String>>,
 }
 
 /// The field names of [`EventRecord`]'s JSON form, in order. The contract.
-pub const EVENT_RECORD_FIELDS: [&str; 27] = [
+pub const EVENT_RECORD_FIELDS: [&str; 28] = [
     "seq",
     "time",
     "time_ns",
@@ -155,6 +160,7 @@ pub const EVENT_RECORD_FIELDS: [&str; 27] = [
     "rule",
     "generation",
     "suppressed",
+    "argv",
 ];
 
 /// Nanoseconds since the Unix epoch, now.
@@ -261,6 +267,7 @@ impl EventRecord {
             rule,
             generation: ev.generation,
             suppressed: ev.suppressed,
+            argv: None,
         }
     }
 
@@ -270,6 +277,7 @@ impl EventRecord {
         self.group = enricher.group_name(self.gid);
         self.cgroup = enricher.cgroup_path(self.cgroup_id);
         self.exe = enricher.exe_path(self.exe_dev, self.exe_ino, self.tgid);
+        self.argv = crate::enrich::argv_of(self.tgid, self.exe_dev, self.exe_ino);
     }
 
     /// Who: the executable's path if known, else `uid N`.
@@ -412,6 +420,21 @@ impl EventFilter {
         }
     }
 
+    /// Does a notice pass? Only filters on time: any decision field set excludes notices.
+    pub fn matches_notice(&self, notice: &crate::notice::Notice, now_ns: u64) -> bool {
+        if self.verdict.is_some() || self.uid.is_some() || self.exe.is_some() || self.peer.is_some()
+        {
+            return false;
+        }
+        match self.since {
+            Some(since) => {
+                let since = u64::try_from(since.as_nanos()).unwrap_or(u64::MAX);
+                notice.time_ns >= now_ns.saturating_sub(since)
+            }
+            None => true,
+        }
+    }
+
     /// Does `record` pass? `now_ns` (nanoseconds since the epoch) anchors `since`.
     pub fn matches(&self, record: &EventRecord, now_ns: u64) -> bool {
         if let Some(v) = &self.verdict {
@@ -474,7 +497,23 @@ pub enum FollowItem {
     Missed {
         missed: u64,
     },
+    /// Something `ztd` noticed (an identity followed a replaced file or a recreated
+    /// cgroup, a hash mismatch): `{"notice":{...}}`. Not a decision; not counted as one.
+    Notice {
+        notice: Box<crate::notice::Notice>,
+    },
 }
+
+/// What the history broadcasts to followers.
+#[derive(Clone, Debug)]
+#[allow(clippy::large_enum_variant)] // events are the common case; notices are rare
+enum Item {
+    Event(EventRecord),
+    Notice(crate::notice::Notice),
+}
+
+/// Notices kept for `ztctl events`.
+const NOTICE_CAPACITY: usize = 1000;
 
 /// The [`History`] a [`Follower`] followed is gone (the daemon is stopping).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
@@ -485,7 +524,7 @@ pub struct HistoryClosed;
 /// it subscribed that passes its filter, in order, and a [`FollowItem::Missed`] whenever it
 /// fell more than the follow buffer behind.
 pub struct Follower {
-    rx: broadcast::Receiver<EventRecord>,
+    rx: broadcast::Receiver<Item>,
     filter: EventFilter,
     missed_total: Arc<AtomicU64>,
     missed: u64,
@@ -533,10 +572,20 @@ impl Follower {
         &self.filter
     }
 
-    fn accept(&self, r: EventRecord) -> Option<FollowItem> {
-        self.filter
-            .matches(&r, now_ns())
-            .then(|| FollowItem::Event(Box::new(r)))
+    fn accept(&self, item: Item) -> Option<FollowItem> {
+        match item {
+            Item::Event(r) => self
+                .filter
+                .matches(&r, now_ns())
+                .then(|| FollowItem::Event(Box::new(r))),
+            Item::Notice(n) => {
+                self.filter
+                    .matches_notice(&n, now_ns())
+                    .then(|| FollowItem::Notice {
+                        notice: Box::new(n),
+                    })
+            }
+        }
     }
 
     fn lagged(&mut self, n: u64) -> FollowItem {
@@ -582,7 +631,8 @@ pub struct History {
     evicted: u64,
     suppressed: u64,
     missed_total: Arc<AtomicU64>,
-    tx: broadcast::Sender<EventRecord>,
+    tx: broadcast::Sender<Item>,
+    notices: VecDeque<crate::notice::Notice>,
 }
 
 impl Default for History {
@@ -607,6 +657,7 @@ impl History {
             suppressed: 0,
             missed_total: Arc::new(AtomicU64::new(0)),
             tx,
+            notices: VecDeque::new(),
         }
     }
 
@@ -625,10 +676,32 @@ impl History {
         }
         if self.tx.receiver_count() > 0 {
             // Fails only with no receiver left: nothing to do.
-            let _ = self.tx.send(record.clone());
+            let _ = self.tx.send(Item::Event(record.clone()));
         }
         self.records.push_back(record);
         seq
+    }
+
+    /// Keep a notice (bounded separately from the decisions, never counted as one) and send
+    /// it to the live followers.
+    pub fn push_notice(&mut self, notice: crate::notice::Notice) {
+        while self.notices.len() >= NOTICE_CAPACITY {
+            self.notices.pop_front();
+        }
+        if self.tx.receiver_count() > 0 {
+            let _ = self.tx.send(Item::Notice(notice.clone()));
+        }
+        self.notices.push_back(notice);
+    }
+
+    /// The notices that pass `filter`, oldest first (a filter on decision fields —
+    /// verdict, uid, exe, peer — passes none).
+    pub fn query_notices(&self, filter: &EventFilter, now_ns: u64) -> Vec<crate::notice::Notice> {
+        self.notices
+            .iter()
+            .filter(|n| filter.matches_notice(n, now_ns))
+            .cloned()
+            .collect()
     }
 
     /// Count `n` records read from the ring buffer that could not be kept (malformed, short,
@@ -916,6 +989,7 @@ mod tests {
             rule: "default".to_string(),
             generation: 1,
             suppressed: 0,
+            argv: None,
         }
     }
 
@@ -943,7 +1017,7 @@ mod tests {
             EVENT_RECORD_FIELDS.join(","),
             "seq,time,time_ns,verdict,hook,pid,tgid,uid,user,gid,group,cgroup_id,cgroup,\
              exe_dev,exe_ino,exe,comm,proto,family,local_addr,local_port,peer_addr,peer_port,\
-             rule_id,rule,generation,suppressed"
+             rule_id,rule,generation,suppressed,argv"
         );
         // Field order in the text follows the struct.
         let text = serde_json::to_string(&r).unwrap();

@@ -24,4 +24,8 @@ pub mod learn;
 pub mod config;
 pub mod events_file;
 pub mod manual;
+pub mod notice;
 pub mod notify;
+
+// Identities that follow the system: executables replaced, unit cgroups recreated.
+pub mod identity_watch;

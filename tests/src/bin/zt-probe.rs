@@ -72,8 +72,33 @@ enum Cmd {
         /// Source address to bind before connecting (port 0).
         #[arg(long)]
         src: Option<std::net::IpAddr>,
+        /// Rename the task (`prctl(PR_SET_NAME)`, what `comm` shows) before the call.
+        #[arg(long)]
+        comm: Option<String>,
+        /// Make the call from a new thread of this process.
+        #[arg(long)]
+        in_thread: bool,
+        /// TCP only: connect through io_uring (`IOSQE_ASYNC`: run by an `iou-wrk` thread).
+        #[arg(long)]
+        io_uring: bool,
+        /// After joining `--cgroup`, move this process to another cgroup (cgroup2 dir).
+        #[arg(long)]
+        move_to: Option<PathBuf>,
         #[command(flatten)]
         report: Report,
+    },
+    /// Replace this process with another program: `execv(PATH)` with `argv[0]` = ARGV0
+    /// (default PATH) and ARGS, or with `--memfd`, with a copy of PATH in an anonymous
+    /// memory file (`memfd_create` + `fexecve`). Prints only on failure.
+    Exec {
+        #[arg(long)]
+        path: PathBuf,
+        #[arg(long)]
+        argv0: Option<String>,
+        #[arg(long)]
+        memfd: bool,
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
     },
     /// `bind()` (and for tcp `listen()`) to ADDR and print the outcome.
     Bind {
@@ -272,12 +297,27 @@ fn main() {
             euid,
             delay_ms,
             src,
+            comm,
+            in_thread,
+            io_uring,
+            move_to,
             report,
         } => {
             report.start();
             if let Err(e) = enter(cgroup, netns, gid, uid, euid) {
                 println!("error:setup:{e}");
                 return;
+            }
+            if let Some(cg) = move_to {
+                if let Err(e) = std::fs::write(cg.join("cgroup.procs"), b"0") {
+                    println!("error:move:{e}");
+                    return;
+                }
+            }
+            if let Some(name) = comm {
+                let name = std::ffi::CString::new(name).unwrap_or_default();
+                // SAFETY: PR_SET_NAME reads a NUL-terminated string we own.
+                unsafe { libc::prctl(libc::PR_SET_NAME, name.as_ptr(), 0, 0, 0) };
             }
             std::thread::sleep(Duration::from_millis(delay_ms));
             let addr = if mapped {
@@ -290,8 +330,23 @@ fn main() {
             } else {
                 addr
             };
-            report.finish(&outcome(call(proto, addr, unconnected, src)));
+            let result = if io_uring {
+                outcome(uring_connect(addr))
+            } else if in_thread {
+                std::thread::spawn(move || outcome(call(proto, addr, unconnected, src)))
+                    .join()
+                    .unwrap_or_else(|_| "error:thread panicked".to_string())
+            } else {
+                outcome(call(proto, addr, unconnected, src))
+            };
+            report.finish(&result);
         }
+        Cmd::Exec {
+            path,
+            argv0,
+            memfd,
+            args,
+        } => println!("error:exec:{}", exec(&path, argv0, memfd, &args)),
         Cmd::Bind {
             proto,
             addr,
@@ -645,6 +700,86 @@ fn tcp_sink(addr: SocketAddr) -> std::io::Result<()> {
             drop(s);
         }
     }
+}
+
+/// A TCP connect submitted to io_uring with `IOSQE_ASYNC` (so an `iou-wrk` worker thread
+/// makes it), then the usual echo on the connected socket.
+fn uring_connect(addr: SocketAddr) -> std::io::Result<()> {
+    use io_uring::{opcode, squeue::Flags, types, IoUring};
+    use nix::sys::socket::SockaddrLike;
+    use std::os::fd::AsRawFd;
+    let domain = if addr.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
+    let fd = socket(domain, libc::SOCK_STREAM)?;
+    let to = nix::sys::socket::SockaddrStorage::from(addr);
+    let mut ring = IoUring::new(4)?;
+    let op = opcode::Connect::new(types::Fd(fd.as_raw_fd()), to.as_ptr(), to.len())
+        .build()
+        .flags(Flags::ASYNC)
+        .user_data(1);
+    // SAFETY: the socket and the address outlive the submission (we wait for it below).
+    unsafe { ring.submission().push(&op) }.map_err(std::io::Error::other)?;
+    ring.submit_and_wait(1)?;
+    let cqe = ring
+        .completion()
+        .next()
+        .ok_or_else(|| std::io::Error::other("no completion"))?;
+    if cqe.result() < 0 {
+        return Err(std::io::Error::from_raw_os_error(-cqe.result()));
+    }
+    let mut s = TcpStream::from(fd);
+    s.set_read_timeout(Some(TIMEOUT))?;
+    s.write_all(b"ping")?;
+    let mut buf = [0u8; 4];
+    s.read_exact(&mut buf)?;
+    expect_echo(&buf)
+}
+
+/// See `Cmd::Exec`; returns only on failure, with the reason.
+fn exec(path: &std::path::Path, argv0: Option<String>, memfd: bool, args: &[String]) -> String {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    let cstr = |s: &[u8]| CString::new(s).unwrap_or_default();
+    let mut argv = vec![cstr(
+        argv0
+            .as_deref()
+            .map(str::as_bytes)
+            .unwrap_or(path.as_os_str().as_bytes()),
+    )];
+    argv.extend(args.iter().map(|a| cstr(a.as_bytes())));
+    let env: Vec<CString> = std::env::vars_os()
+        .map(|(k, v)| {
+            let mut kv = k.as_bytes().to_vec();
+            kv.push(b'=');
+            kv.extend_from_slice(v.as_bytes());
+            cstr(&kv)
+        })
+        .collect();
+    if memfd {
+        let fd = match nix::sys::memfd::memfd_create(
+            c"zt-probe-memfd",
+            nix::sys::memfd::MFdFlags::MFD_CLOEXEC,
+        ) {
+            Ok(fd) => fd,
+            Err(e) => return format!("memfd_create: {e}"),
+        };
+        let mut file = std::fs::File::from(fd);
+        match std::fs::read(path) {
+            Ok(bytes) => {
+                if let Err(e) = file.write_all(&bytes) {
+                    return format!("write memfd: {e}");
+                }
+            }
+            Err(e) => return format!("read {}: {e}", path.display()),
+        }
+        let e = nix::unistd::fexecve(file.as_fd(), &argv, &env);
+        return format!("fexecve: {e:?}");
+    }
+    let e = nix::unistd::execve(&cstr(path.as_os_str().as_bytes()), &argv, &env);
+    format!("execve: {e:?}")
 }
 
 /// See `Cmd::Flood`: `(eperm, ok, other)`.

@@ -321,10 +321,67 @@ fn print_status(st: &Status) {
         );
     }
     print_xdp(&st.xdp);
+    print_identities(&st.identities_resolved);
     println!();
     println!("{:>6} {:>10}  {:<40} LOCATION", "RULE", "HITS", "");
     for c in &st.counters {
         println!("{:>6} {:>10}  {:<40} {}", c.id, c.hits, c.rule, c.location);
+    }
+}
+
+/// Each identity: what its names resolved to, and whether it can match now.
+fn print_identities(ids: &[zt::control::IdentityStatus]) {
+    if ids.is_empty() {
+        return;
+    }
+    println!();
+    println!("{:<20} {:<10} RESOLVED TO", "IDENTITY", "MATCHABLE");
+    for i in ids {
+        let mut parts = Vec::new();
+        if let Some(exe) = &i.exe {
+            let real = i
+                .exe_real
+                .as_ref()
+                .map(|r| format!(" -> {}", r.display()))
+                .unwrap_or_default();
+            match (&i.exe_dev, i.exe_ino) {
+                (Some(dev), Some(ino)) => {
+                    parts.push(format!("exe {}{real} = {dev}:{ino}", exe.display()))
+                }
+                _ => parts.push(format!("exe {} = missing", exe.display())),
+            }
+        }
+        if let Some(sum) = &i.sha256 {
+            parts.push(format!("sha256 {}…", &sum[..sum.len().min(12)]));
+        }
+        match (&i.user, i.uid) {
+            (Some(name), Some(uid)) => parts.push(format!("user {name} = uid {uid}")),
+            (None, Some(uid)) => parts.push(format!("uid {uid}")),
+            _ => {}
+        }
+        match (&i.group, i.gid) {
+            (Some(name), Some(gid)) => parts.push(format!("group {name} = gid {gid}")),
+            (None, Some(gid)) => parts.push(format!("gid {gid}")),
+            _ => {}
+        }
+        if let Some(cg) = &i.cgroup {
+            let id = i
+                .cgroup_id
+                .map_or("absent".to_string(), |id| format!("id {id}"));
+            match &i.unit {
+                Some(unit) => parts.push(format!("unit {unit} = {cg} ({id})")),
+                None => parts.push(format!("cgroup {cg} ({id})")),
+            }
+        }
+        println!(
+            "{:<20} {:<10} {}",
+            i.name,
+            if i.matchable { "yes" } else { "NO" },
+            parts.join("; ")
+        );
+        if let Some(p) = &i.problem {
+            println!("{:<20} {:<10} problem: {p}", "", "");
+        }
     }
 }
 
@@ -477,6 +534,17 @@ fn events(socket: &std::path::Path, filter: EventFilter, follow: bool, json: boo
                     serde_json::to_string(&record).unwrap_or_default()
                 } else {
                     format_text(&record)
+                };
+                let mut stdout = std::io::stdout().lock();
+                let _ = writeln!(stdout, "{out}");
+                let _ = stdout.flush();
+                true
+            }
+            Ok(FollowItem::Notice { notice }) => {
+                let out = if json {
+                    serde_json::to_string(&FollowItem::Notice { notice }).unwrap_or_default()
+                } else {
+                    notice.text()
                 };
                 let mut stdout = std::io::stdout().lock();
                 let _ = writeln!(stdout, "{out}");

@@ -94,6 +94,11 @@ struct Args {
     /// Rotated events files kept (PATH.1 newest … PATH.N); older ones are deleted.
     #[arg(long, value_name = "N", default_value_t = zt::events_file::DEFAULT_KEEP)]
     events_file_keep: usize,
+    /// Where `unit = "NAME.service"` identities are looked up without systemd: the unit's
+    /// cgroup is searched in DIR/system.slice, DIR and the slices below DIR (a cgroup2
+    /// directory; default: the cgroup2 root).
+    #[arg(long, value_name = "DIR")]
+    units_root: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -186,6 +191,7 @@ async fn main() -> std::process::ExitCode {
         check_interval: args.check_interval,
         watch: !args.no_watch,
         flows: args.flows.config(),
+        units_root: args.units_root,
     };
     match daemon::run(opts).await {
         Ok(()) => std::process::ExitCode::SUCCESS,

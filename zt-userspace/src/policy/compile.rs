@@ -111,6 +111,20 @@ pub struct IdentityInfo {
     pub line: usize,
     pub column: usize,
     pub mode: Mode,
+    /// What the identity resolved to (for `ztctl status` and change notices).
+    pub exe: Option<super::ExeMatch>,
+    /// `sha256` as written (hex), when pinned.
+    pub sha256: Option<String>,
+    pub uid: Option<u32>,
+    pub user: Option<String>,
+    pub gid: Option<u32>,
+    pub group: Option<String>,
+    pub unit: Option<String>,
+    pub cgroup: Option<super::CgroupMatch>,
+    /// Whether some process can match it now.
+    pub matchable: bool,
+    /// Why it matches nothing (a missing file, a hash mismatch), if it is a fault.
+    pub problem: Option<String>,
 }
 
 /// The contents of one policy slot's maps. Every vector is sorted.
@@ -308,6 +322,28 @@ fn identities(policy: &Policy) -> Result<Compiled, CompileError> {
     for (i, id) in policy.identities.iter().enumerate() {
         let bit_index = i as u32 + 1;
         let bit: u64 = 1 << bit_index;
+        infos.push(IdentityInfo {
+            bit: bit_index,
+            name: id.name.clone(),
+            path: policy.file_path(id.file).to_path_buf(),
+            line: id.loc.line,
+            column: id.loc.column,
+            mode: id.mode,
+            exe: id.exe.clone(),
+            sha256: id.sha256.as_ref().map(|s| super::hex(s)),
+            uid: id.uid,
+            user: id.user_name.clone(),
+            gid: id.gid,
+            group: id.group_name.clone(),
+            unit: id.unit.clone(),
+            cgroup: id.cgroup.clone(),
+            matchable: id.matchable(),
+            problem: id.problem.clone(),
+        });
+        if id.problem.is_some() {
+            // Disabled: no map entry and no wildcard bit, so it matches nothing.
+            continue;
+        }
         match &id.exe {
             Some(exe) => *exes.entry(exe.key).or_default() |= bit,
             None => config.exe_wildcard |= bit,
@@ -339,14 +375,6 @@ fn identities(policy: &Policy) -> Result<Compiled, CompileError> {
             config.raw_identities |= bit;
             config.icmp_identities |= bit;
         }
-        infos.push(IdentityInfo {
-            bit: bit_index,
-            name: id.name.clone(),
-            path: policy.file_path(id.file).to_path_buf(),
-            line: id.loc.line,
-            column: id.loc.column,
-            mode: id.mode,
-        });
     }
     // ICMP sockets: for identities that some allow rule (either direction) gives icmp —
     // `proto = "icmp"`, or `proto = "any"` without ports (every protocol).
@@ -379,6 +407,7 @@ fn identities(policy: &Policy) -> Result<Compiled, CompileError> {
             let mut paths: Vec<(ExeKey, PathBuf)> = policy
                 .identities
                 .iter()
+                .filter(|id| id.problem.is_none())
                 .filter_map(|id| id.exe.as_ref().map(|e| (e.key, e.path.clone())))
                 .collect();
             paths.sort();

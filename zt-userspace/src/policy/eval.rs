@@ -151,6 +151,10 @@ impl Serialize for Mode {
 
 /// Whether the task of `q` is one of `id`'s processes: every key given matches.
 pub fn identity_matches(id: &Identity, q: &Query) -> bool {
+    // Disabled (missing file, sha256 mismatch): matches nothing, as in the kernel.
+    if id.problem.is_some() {
+        return false;
+    }
     if let Some(exe) = &id.exe {
         if q.exe != Some(exe.key) {
             return false;

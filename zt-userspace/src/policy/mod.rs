@@ -18,6 +18,8 @@ mod validate;
 #[cfg(test)]
 mod fuzz;
 #[cfg(test)]
+mod identity_tests;
+#[cfg(test)]
 mod tests;
 
 use std::fmt;
@@ -28,7 +30,9 @@ use ipnet::IpNet;
 pub use compile::{compile, CompileError, Compiled, IdentityInfo, RuleInfo};
 pub use diag::{Diagnostic, Loc, Severity};
 pub use eval::{explain, Explanation, Query};
-pub use resolve::{kernel_dev, Resolve, SystemResolver};
+pub use resolve::{
+    find_unit, hex, kernel_dev, unit_search_dirs, LiveResolver, Resolve, SystemResolver,
+};
 pub use zt_common::ExeKey;
 
 /// The only policy format version this build understands.
@@ -180,6 +184,8 @@ pub struct ExeMatch {
     pub path: PathBuf,
     /// Device (kernel encoding) and inode of the file the path resolved to at load time.
     pub key: ExeKey,
+    /// The file the path resolved to through symlinks (when it differs from `path`).
+    pub real_path: Option<PathBuf>,
 }
 
 /// A `cgroup` of an identity.
@@ -207,6 +213,23 @@ pub struct Identity {
     pub cgroup: Option<CgroupMatch>,
     /// `raw = true`: the identity may create raw sockets (and ICMP sockets).
     pub raw: bool,
+    /// `sha256`: the content `exe` must have.
+    pub sha256: Option<[u8; 32]>,
+    /// `unit`: the systemd unit whose cgroup `cgroup` is (resolved, possibly not found).
+    pub unit: Option<String>,
+    /// `user` / `group` as written, when given by name.
+    pub user_name: Option<String>,
+    pub group_name: Option<String>,
+    /// Why the identity matches nothing right now (its file is missing, its content is not
+    /// the pinned `sha256`); `None`: it matches what it resolved to.
+    pub problem: Option<String>,
+}
+
+impl Identity {
+    /// Whether some process can match the identity now.
+    pub fn matchable(&self) -> bool {
+        self.problem.is_none() && self.cgroup.as_ref().is_none_or(|c| c.id.is_some())
+    }
 }
 
 /// A named set of CIDRs (`[network.NAME]`).
@@ -327,6 +350,34 @@ pub fn load(
         }
     }
     finish(&sources, resolver, diags)
+}
+
+/// Reads the policy files as [`load`] does, without checking them: `(sources, diagnostics)`
+/// (a file that cannot be read is an error diagnostic). With [`load_sources`], the text
+/// that was compiled can be kept and resolved again later.
+pub fn read_sources(paths: &[PathBuf]) -> (Sources, Vec<Diagnostic>) {
+    let mut diags = Vec::new();
+    let mut sources = Vec::new();
+    for path in parse::discover(paths, &mut diags) {
+        match parse::read_source(&path) {
+            Ok(text) => sources.push((path, text)),
+            Err(d) => diags.push(d),
+        }
+    }
+    (sources, diags)
+}
+
+/// Policy files as read: `(path, text)` in policy order.
+pub type Sources = Vec<(PathBuf, String)>;
+
+/// [`load`], also returning the text it read (for resolving the same policy again later).
+pub fn load_keeping_sources(
+    paths: &[PathBuf],
+    resolver: &dyn Resolve,
+) -> Result<(Policy, Vec<Diagnostic>, Sources), Vec<Diagnostic>> {
+    let (sources, diags) = read_sources(paths);
+    let (policy, warnings) = finish(&sources, resolver, diags)?;
+    Ok((policy, warnings, sources))
 }
 
 /// Like [`load`], for policy text already in memory: `(path used in diagnostics, text)` in

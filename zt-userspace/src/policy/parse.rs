@@ -49,6 +49,10 @@ pub(crate) struct IdentityAst {
     pub user: Option<At<Account>>,
     pub group: Option<At<Account>>,
     pub cgroup: Option<At<CgroupPath>>,
+    /// `sha256 = "..."`: the pinned content hash of `exe`.
+    pub sha256: Option<At<[u8; 32]>>,
+    /// `unit = "nginx.service"`: a systemd unit, matched by its cgroup.
+    pub unit: Option<At<String>>,
     /// `raw = true`.
     pub raw: bool,
 }
@@ -95,9 +99,12 @@ pub(crate) struct FileAst {
 }
 
 const TOP_KEYS: &[&str] = &["version", "mode", "identity", "network", "rule"];
-const IDENTITY_KEYS: &[&str] = &["exe", "user", "uid", "group", "gid", "cgroup", "raw"];
-/// The identity keys that select processes (`raw` only grants a permission).
-const MATCHING_KEYS: &[&str] = &["exe", "user", "uid", "group", "gid", "cgroup"];
+const IDENTITY_KEYS: &[&str] = &[
+    "exe", "sha256", "user", "uid", "group", "gid", "cgroup", "unit", "raw",
+];
+/// The identity keys that select processes (`raw` only grants a permission, `sha256` only
+/// constrains `exe`).
+const MATCHING_KEYS: &[&str] = &["exe", "user", "uid", "group", "gid", "cgroup", "unit"];
 const NETWORK_KEYS: &[&str] = &["cidrs"];
 const RULE_KEYS: &[&str] = &[
     "action",
@@ -252,6 +259,10 @@ impl Cx<'_> {
 
     fn error(&mut self, span: Range<usize>, message: impl Into<String>) {
         let loc = self.loc(span);
+        self.diags.push(Diagnostic::error(self.path, loc, message));
+    }
+
+    fn error_at(&mut self, loc: Loc, message: impl Into<String>) {
         self.diags.push(Diagnostic::error(self.path, loc, message));
     }
 
@@ -492,6 +503,8 @@ impl Cx<'_> {
             user: None,
             group: None,
             cgroup: None,
+            sha256: None,
+            unit: None,
             raw: false,
         };
         let known = self.known(table, IDENTITY_KEYS, &format!("identity `{n}`"));
@@ -584,6 +597,33 @@ impl Cx<'_> {
                         }
                     }
                 }
+                "sha256" => {
+                    if let Some(s) = self.string("sha256", v, "") {
+                        match sha256_hex(s) {
+                            Some(h) => id.sha256 = Some(At { v: h, loc }),
+                            None => self.error(
+                                v.span(),
+                                format!(
+                                    "sha256 `{s}` is not a SHA-256 digest: write the 64 hex \
+                                     digits `sha256sum FILE` prints"
+                                ),
+                            ),
+                        }
+                    }
+                }
+                "unit" => {
+                    if let Some(s) = self.string("unit", v, "") {
+                        match unit_name(s) {
+                            Ok(()) => {
+                                id.unit = Some(At {
+                                    v: s.to_string(),
+                                    loc,
+                                })
+                            }
+                            Err(msg) => self.error(v.span(), msg),
+                        }
+                    }
+                }
                 "raw" => match v.get_ref().as_bool() {
                     Some(b) => id.raw = b,
                     None => self.wrong_type(
@@ -595,6 +635,24 @@ impl Cx<'_> {
                 },
                 _ => {}
             }
+        }
+        if let (Some(sha), None) = (&id.sha256, &id.exe) {
+            self.error_at(
+                sha.loc,
+                format!(
+                    "identity `{n}` has `sha256` but no `exe`: sha256 pins the content of the \
+                     executable; add exe = \"/path/to/it\" or remove sha256"
+                ),
+            );
+        }
+        if let (Some(unit), Some(_)) = (&id.unit, &id.cgroup) {
+            self.error_at(
+                unit.loc,
+                format!(
+                    "identity `{n}` has both `unit` and `cgroup`: a unit is matched by its \
+                     cgroup; keep only one of them"
+                ),
+            );
         }
         name_ok.then_some(id)
     }
@@ -972,6 +1030,42 @@ fn unmap(net: IpNet) -> IpNet {
         }
     }
     net
+}
+
+/// A SHA-256 digest written as 64 hex digits (either case).
+pub(crate) fn sha256_hex(s: &str) -> Option<[u8; 32]> {
+    let s = s.trim();
+    if s.len() != 64 || !s.is_ascii() {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).ok()?;
+    }
+    Some(out)
+}
+
+/// Checks a systemd unit name whose cgroup zt can match (`.service`, `.scope`, `.slice`).
+pub(crate) fn unit_name(s: &str) -> Result<(), String> {
+    let valid_chars = s
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, ':' | '_' | '.' | '\\' | '@' | '-'));
+    if s.is_empty() || !valid_chars || s.starts_with('.') {
+        return Err(format!(
+            "unit `{s}` is not a systemd unit name: write it as systemctl shows it, e.g. \
+             \"nginx.service\""
+        ));
+    }
+    if ![".service", ".scope", ".slice"]
+        .iter()
+        .any(|suffix| s.len() > suffix.len() && s.ends_with(suffix))
+    {
+        return Err(format!(
+            "unit `{s}` has no cgroup of its own: zt matches .service, .scope and .slice units \
+             (write e.g. \"nginx.service\")"
+        ));
+    }
+    Ok(())
 }
 
 /// Normalizes a cgroup path relative to the cgroup2 root.

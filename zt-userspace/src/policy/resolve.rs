@@ -21,6 +21,32 @@ pub trait Resolve {
     fn exe(&self, path: &Path) -> io::Result<ExeKey>;
     /// The id of the cgroup `rel` (relative to the cgroup2 root).
     fn cgroup_id(&self, rel: &str) -> io::Result<u64>;
+    /// Device+inode of the regular file `path` resolves to and the SHA-256 of its content,
+    /// both taken from one open file (so they describe the same inode).
+    fn exe_hashed(&self, path: &Path) -> io::Result<(ExeKey, [u8; 32])> {
+        let _ = path;
+        Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "content hashing is not available here",
+        ))
+    }
+    /// The cgroup of systemd unit `unit`: its path relative to the cgroup2 root and its id.
+    fn unit_cgroup(&self, unit: &str) -> io::Result<(String, u64)> {
+        Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("no cgroup for unit {unit}"),
+        ))
+    }
+    /// The file `path` resolves to through symlinks, if it differs.
+    fn real_path(&self, path: &Path) -> Option<PathBuf> {
+        let _ = path;
+        None
+    }
+    /// True when re-resolving a loaded policy automatically (ztd noticed a change): an `exe`
+    /// that is missing then disables its identity instead of refusing the whole policy.
+    fn lenient(&self) -> bool {
+        false
+    }
 }
 
 /// [`Resolve`] against this machine: NSS for users and groups, `stat` for executables and
@@ -66,6 +92,18 @@ impl Resolve for SystemResolver {
         })
     }
 
+    fn exe_hashed(&self, path: &Path) -> io::Result<(ExeKey, [u8; 32])> {
+        hash_file(path)
+    }
+
+    fn unit_cgroup(&self, unit: &str) -> io::Result<(String, u64)> {
+        find_unit(&self.cgroup_root, &self.cgroup_root, unit)
+    }
+
+    fn real_path(&self, path: &Path) -> Option<PathBuf> {
+        std::fs::canonicalize(path).ok().filter(|p| p != path)
+    }
+
     fn cgroup_id(&self, rel: &str) -> io::Result<u64> {
         let rel_path = Path::new(rel);
         if rel.is_empty()
@@ -88,6 +126,180 @@ impl Resolve for SystemResolver {
         // On cgroup2 the inode number of a cgroup's directory is its cgroup id.
         Ok(meta.ino())
     }
+}
+
+/// [`SystemResolver`] as `ztd` uses it: units are searched below `units_root` (`--units-root`,
+/// default the cgroup2 root), and automatic re-resolution is [`Resolve::lenient`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LiveResolver {
+    pub system: SystemResolver,
+    pub units_root: PathBuf,
+    pub lenient: bool,
+}
+
+impl Resolve for LiveResolver {
+    fn uid_of(&self, user: &str) -> Option<u32> {
+        self.system.uid_of(user)
+    }
+    fn gid_of(&self, group: &str) -> Option<u32> {
+        self.system.gid_of(group)
+    }
+    fn exe(&self, path: &Path) -> io::Result<ExeKey> {
+        self.system.exe(path)
+    }
+    fn cgroup_id(&self, rel: &str) -> io::Result<u64> {
+        self.system.cgroup_id(rel)
+    }
+    fn exe_hashed(&self, path: &Path) -> io::Result<(ExeKey, [u8; 32])> {
+        self.system.exe_hashed(path)
+    }
+    fn unit_cgroup(&self, unit: &str) -> io::Result<(String, u64)> {
+        find_unit(&self.system.cgroup_root, &self.units_root, unit)
+    }
+    fn real_path(&self, path: &Path) -> Option<PathBuf> {
+        self.system.real_path(path)
+    }
+    fn lenient(&self) -> bool {
+        self.lenient
+    }
+}
+
+/// Hashes the file `path` resolves to. The key comes from `fstat` of the descriptor that is
+/// read, so a rename between the two cannot pair one file's inode with another's content.
+fn hash_file(path: &Path) -> io::Result<(ExeKey, [u8; 32])> {
+    use sha2::{Digest, Sha256};
+    use std::io::Read;
+    let mut file = std::fs::File::open(path)?;
+    let meta = file.metadata()?;
+    if !meta.is_file() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not a regular file",
+        ));
+    }
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    let key = ExeKey {
+        dev: kernel_dev(meta.dev()),
+        ino: meta.ino(),
+    };
+    Ok((key, hasher.finalize().into()))
+}
+
+/// Lower-case hex of a digest.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// How deep below the units root a unit's cgroup is searched.
+const UNIT_SEARCH_DEPTH: usize = 6;
+
+/// Finds the cgroup of systemd unit `unit` below `units_root` (itself below `cgroup_root`, the
+/// cgroup2 mount), without systemd: `system.slice/UNIT` first, then `UNIT` directly below the
+/// root, then breadth-first through slices (`*.slice`) and user managers (`user@*.service`),
+/// at most [`UNIT_SEARCH_DEPTH`] levels down, in name order. Returns the path relative to
+/// `cgroup_root` and the cgroup id.
+pub fn find_unit(cgroup_root: &Path, units_root: &Path, unit: &str) -> io::Result<(String, u64)> {
+    let found = |dir: &Path| -> Option<io::Result<(String, u64)>> {
+        let meta = std::fs::metadata(dir).ok().filter(|m| m.is_dir())?;
+        Some(
+            dir.strip_prefix(cgroup_root)
+                .map_err(|_| {
+                    io::Error::new(
+                        io::ErrorKind::InvalidInput,
+                        format!(
+                            "the units root {} is not below the cgroup2 mount {}",
+                            units_root.display(),
+                            cgroup_root.display()
+                        ),
+                    )
+                })
+                .map(|rel| (rel.to_string_lossy().into_owned(), meta.ino())),
+        )
+    };
+    for first in [
+        units_root.join("system.slice").join(unit),
+        units_root.join(unit),
+    ] {
+        if let Some(r) = found(&first) {
+            return r;
+        }
+    }
+    let mut level = vec![units_root.to_path_buf()];
+    for _ in 0..UNIT_SEARCH_DEPTH {
+        let mut next = Vec::new();
+        for dir in &level {
+            let Ok(entries) = std::fs::read_dir(dir) else {
+                continue;
+            };
+            let mut names: Vec<String> = entries
+                .flatten()
+                .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                .filter_map(|e| e.file_name().into_string().ok())
+                .collect();
+            names.sort();
+            for name in names {
+                if name == unit {
+                    if let Some(r) = found(&dir.join(&name)) {
+                        return r;
+                    }
+                }
+                if name.ends_with(".slice")
+                    || (name.starts_with("user@") && name.ends_with(".service"))
+                {
+                    next.push(dir.join(&name));
+                }
+            }
+        }
+        if next.is_empty() {
+            break;
+        }
+        level = next;
+    }
+    Err(io::Error::new(
+        io::ErrorKind::NotFound,
+        format!(
+            "no cgroup named {unit} below {} (system.slice, user slices, nested slices)",
+            units_root.display()
+        ),
+    ))
+}
+
+/// The directories whose entries decide where [`find_unit`] finds units: the units root and
+/// every slice and user manager below it (what `ztd` watches for units).
+pub fn unit_search_dirs(units_root: &Path) -> Vec<PathBuf> {
+    let mut out = vec![units_root.to_path_buf()];
+    let mut level = vec![units_root.to_path_buf()];
+    for _ in 0..UNIT_SEARCH_DEPTH {
+        let mut next = Vec::new();
+        for dir in &level {
+            let Ok(entries) = std::fs::read_dir(dir) else {
+                continue;
+            };
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if e.file_type().is_ok_and(|t| t.is_dir())
+                    && (name.ends_with(".slice")
+                        || (name.starts_with("user@") && name.ends_with(".service")))
+                {
+                    next.push(e.path());
+                }
+            }
+        }
+        out.extend(next.iter().cloned());
+        if next.is_empty() {
+            break;
+        }
+        level = next;
+    }
+    out
 }
 
 /// Converts a userspace `st_dev` to the kernel's internal encoding (`major << 20 | minor`),
@@ -141,6 +353,57 @@ mod tests {
             .exe(Path::new("/"))
             .expect_err("a directory is not an exe");
         assert_eq!(dir.kind(), io::ErrorKind::InvalidInput);
+    }
+
+    #[test]
+    fn units_are_found_in_slices() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let units = root.path().join("units");
+        for d in [
+            "units/system.slice/a.service",
+            "units/user.slice/user-1000.slice/user@1000.service/app.slice/b.service",
+            "units/c.slice/d.slice/c.service",
+            "units/other/x.service",
+        ] {
+            std::fs::create_dir_all(root.path().join(d)).expect("mkdir");
+        }
+        let ino = |p: &str| std::fs::metadata(root.path().join(p)).expect("stat").ino();
+        assert_eq!(
+            find_unit(root.path(), &units, "a.service").expect("a"),
+            (
+                "units/system.slice/a.service".into(),
+                ino("units/system.slice/a.service")
+            )
+        );
+        let b = "units/user.slice/user-1000.slice/user@1000.service/app.slice/b.service";
+        assert_eq!(
+            find_unit(root.path(), &units, "b.service").expect("b"),
+            (b.into(), ino(b))
+        );
+        assert_eq!(
+            find_unit(root.path(), &units, "c.service").expect("c").0,
+            "units/c.slice/d.slice/c.service"
+        );
+        // Only slices and user managers are searched.
+        let e = find_unit(root.path(), &units, "x.service").expect_err("x");
+        assert_eq!(e.kind(), io::ErrorKind::NotFound);
+        let dirs = unit_search_dirs(&units);
+        assert!(dirs.contains(&units.join("system.slice")));
+        assert!(!dirs.contains(&units.join("other")));
+    }
+
+    #[test]
+    fn hashes_describe_the_file_opened() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let f = dir.path().join("f");
+        std::fs::write(&f, b"abc").expect("write");
+        let (key, sum) = hash_file(&f).expect("hash");
+        assert_eq!(
+            hex(&sum),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+        assert_eq!(key.ino, std::fs::metadata(&f).expect("stat").ino());
+        assert!(hash_file(dir.path()).is_err());
     }
 
     #[test]

@@ -352,7 +352,7 @@ port = [80]
     has(
         &d,
         "p.toml:5:1: unknown key `exec` in identity `a` (did you mean `exe`?)",
-        "allowed keys: exe, user, uid, group, gid, cgroup, raw",
+        "allowed keys: exe, sha256, user, uid, group, gid, cgroup, unit, raw",
     );
     has(
         &d,
@@ -1561,6 +1561,9 @@ impl Resolve for Lenient {
     }
     fn cgroup_id(&self, rel: &str) -> io::Result<u64> {
         Ok(rel.len() as u64)
+    }
+    fn unit_cgroup(&self, unit: &str) -> io::Result<(String, u64)> {
+        Ok((format!("system.slice/{unit}"), unit.len() as u64))
     }
 }
 

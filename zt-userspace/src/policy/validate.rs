@@ -8,7 +8,9 @@ use std::path::Path;
 
 use super::diag::{closest, Diagnostic, Loc};
 use super::parse::{Account, FileAst, IdentityAst, PeerAst};
-use super::{CgroupMatch, ExeMatch, Identity, Network, Peer, Policy, PolicyFile, Resolve, Rule};
+use super::{
+    hex, CgroupMatch, ExeKey, ExeMatch, Identity, Network, Peer, Policy, PolicyFile, Resolve, Rule,
+};
 
 /// Builds the policy from checked files, reporting cross-file and system problems into
 /// `diags`. The result is only meaningful when no error was reported.
@@ -166,13 +168,54 @@ fn resolve_identity(
     diags: &mut Vec<Diagnostic>,
 ) -> Identity {
     let path = file.path.as_path();
+    let mut problem: Option<String> = None;
     let exe = id.exe.as_ref().and_then(|exe| {
         let shown = exe.v.display();
-        match resolver.exe(&exe.v) {
-            Ok(key) => Some(ExeMatch {
-                path: exe.v.clone(),
-                key,
-            }),
+        let resolved = match &id.sha256 {
+            None => resolver.exe(&exe.v).map(|key| (key, None)),
+            Some(_) => resolver
+                .exe_hashed(&exe.v)
+                .map(|(key, sum)| (key, Some(sum))),
+        };
+        match resolved {
+            Ok((key, sum)) => {
+                if let (Some(want), Some(got)) = (&id.sha256, sum) {
+                    if want.v != got {
+                        let text = format!(
+                            "sha256 mismatch: {shown} (device {}:{}, inode {}) has sha256 {}, \
+                             the policy pins {}",
+                            key.dev >> 20,
+                            key.dev & 0xf_ffff,
+                            key.ino,
+                            hex(&got),
+                            hex(&want.v)
+                        );
+                        diags.push(Diagnostic::warning(
+                            path,
+                            want.loc,
+                            format!(
+                                "identity `{}` is disabled (matches nothing): {text}; install \
+                                 the expected file or update sha256",
+                                id.name
+                            ),
+                        ));
+                        problem = Some(text);
+                    }
+                }
+                Some(ExeMatch {
+                    path: exe.v.clone(),
+                    key,
+                    real_path: resolver.real_path(&exe.v),
+                })
+            }
+            Err(e) if resolver.lenient() && e.kind() == io::ErrorKind::NotFound => {
+                problem = Some(format!("executable {shown} does not exist"));
+                Some(ExeMatch {
+                    path: exe.v.clone(),
+                    key: ExeKey::default(),
+                    real_path: None,
+                })
+            }
             Err(e) => {
                 let message = match e.kind() {
                     io::ErrorKind::NotFound => format!(
@@ -255,6 +298,40 @@ fn resolve_identity(
             id: id_now,
         }
     });
+    let cgroup = match &id.unit {
+        None => cgroup,
+        Some(unit) => match resolver.unit_cgroup(&unit.v) {
+            Ok((rel, cgid)) => Some(CgroupMatch {
+                level: rel.split('/').filter(|p| !p.is_empty()).count() as u32,
+                path: rel,
+                id: Some(cgid),
+            }),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                diags.push(Diagnostic::warning(
+                    path,
+                    unit.loc,
+                    format!(
+                        "unit `{}` has no cgroup now ({e}): identity `{}` matches no process \
+                         until the unit runs; ztd follows it when its cgroup appears",
+                        unit.v, id.name
+                    ),
+                ));
+                Some(CgroupMatch {
+                    path: format!("system.slice/{}", unit.v),
+                    level: 0,
+                    id: None,
+                })
+            }
+            Err(e) => {
+                diags.push(Diagnostic::error(
+                    path,
+                    unit.loc,
+                    format!("cannot resolve unit `{}`: {e}", unit.v),
+                ));
+                None
+            }
+        },
+    };
     Identity {
         name: id.name.clone(),
         file: fi,
@@ -265,6 +342,17 @@ fn resolve_identity(
         gid,
         cgroup,
         raw: id.raw,
+        sha256: id.sha256.as_ref().map(|s| s.v),
+        unit: id.unit.as_ref().map(|u| u.v.clone()),
+        user_name: id.user.as_ref().and_then(|u| match &u.v {
+            Account::Name(n) => Some(n.clone()),
+            Account::Id(_) => None,
+        }),
+        group_name: id.group.as_ref().and_then(|g| match &g.v {
+            Account::Name(n) => Some(n.clone()),
+            Account::Id(_) => None,
+        }),
+        problem,
     }
 }
 
