@@ -63,13 +63,13 @@ macro_rules! warn {
 use crate::{
     btf,
     control::{
-        Decisions, EventStats, HookDecisions, PendingApply, ReloadResult, Request, Response,
-        RuleCounter, Status, TopFlow,
+        Decisions, EventStats, HookDecisions, PendingApply, ReloadResult, ReloadTimings, Request,
+        Response, RuleCounter, Status, TopFlow,
     },
     enrich::Enricher,
     events,
     history::{log_line, now_ns, EventFilter, EventRecord, FollowItem, History, LogFormat},
-    loader::{self, HookStart, Layout, Loader, LoaderError},
+    loader::{self, ApplyStats, HookStart, Layout, Loader, LoaderError},
     metrics::{self, MetricsSnapshot},
     policy::{self, Compiled, Diagnostic, SystemResolver},
     sys,
@@ -153,12 +153,41 @@ pub fn compile_policy(
     paths: &[PathBuf],
     cgroup_root: &Path,
 ) -> Result<(Compiled, Vec<Diagnostic>), DaemonError> {
+    compile_policy_timed(paths, cgroup_root).map(|(c, w, _)| (c, w))
+}
+
+/// [`compile_policy`], also timing it: `parse_us` and `compile_us` filled in (the parsed
+/// policy is dropped before this returns).
+pub fn compile_policy_timed(
+    paths: &[PathBuf],
+    cgroup_root: &Path,
+) -> Result<(Compiled, Vec<Diagnostic>, ReloadTimings), DaemonError> {
     let resolver = SystemResolver {
         cgroup_root: cgroup_root.to_path_buf(),
     };
+    let started = Instant::now();
     let (policy, warnings) = policy::load(paths, &resolver).map_err(DaemonError::Policy)?;
+    let parsed = Instant::now();
     let compiled = policy::compile(&policy)?;
-    Ok((compiled, warnings))
+    let timings = ReloadTimings {
+        parse_us: micros(parsed - started),
+        compile_us: micros(parsed.elapsed()),
+        ..ReloadTimings::default()
+    };
+    Ok((compiled, warnings, timings))
+}
+
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
+/// `timings` (parse and compile) completed by an apply that took `apply` and wrote `stats`.
+fn with_apply(mut timings: ReloadTimings, apply: Duration, stats: ApplyStats) -> ReloadTimings {
+    timings.apply_us = micros(apply);
+    timings.total_us = timings.parse_us + timings.compile_us + timings.apply_us;
+    timings.map_updates = stats.updates;
+    timings.map_deletes = stats.deletes;
+    timings
 }
 
 struct State {
@@ -219,39 +248,45 @@ impl State {
             );
             return self.refused(message, Vec::new());
         }
-        match compile_policy(&self.opts.policy, &self.cgroup_root) {
-            Ok((compiled, warnings)) => {
+        match compile_policy_timed(&self.opts.policy, &self.cgroup_root) {
+            Ok((compiled, warnings, timings)) => {
                 for w in &warnings {
                     warn!("{w}");
                 }
+                let started = Instant::now();
                 match self.loader.apply_or_keep(&compiled, self.flags()) {
                     Ok((generation, true)) => {
+                        let timings = with_apply(timings, started.elapsed(), ApplyStats::default());
                         let message = format!(
                             "generation {generation}: unchanged ({} rules, {} identities); nothing written",
                             compiled.rules.len(),
                             compiled.identities.len()
                         );
-                        say!("ztd: reloaded policy, {message}");
+                        say!("ztd: reloaded policy, {message}; {}", timings.summary());
                         self.compiled = compiled;
                         self.last_reload = ReloadResult {
                             ok: true,
                             at: now_secs(),
                             message: message.clone(),
+                            timings: Some(timings),
                         };
                         Response::Ok { message }
                     }
                     Ok((generation, false)) => {
+                        let timings =
+                            with_apply(timings, started.elapsed(), self.loader.last_apply());
                         let message = format!(
                             "generation {generation}: {} rules, {} identities",
                             compiled.rules.len(),
                             compiled.identities.len()
                         );
-                        say!("ztd: reloaded policy, {message}");
+                        say!("ztd: reloaded policy, {message}; {}", timings.summary());
                         self.compiled = compiled;
                         self.last_reload = ReloadResult {
                             ok: true,
                             at: now_secs(),
                             message: message.clone(),
+                            timings: Some(timings),
                         };
                         Response::Ok { message }
                     }
@@ -279,28 +314,31 @@ impl State {
                 diagnostics: Vec::new(),
             };
         }
-        let compiled = match compile_policy(std::slice::from_ref(&path), &self.cgroup_root) {
-            Ok((compiled, warnings)) => {
-                for w in &warnings {
-                    warn!("{w}");
+        let (compiled, timings) =
+            match compile_policy_timed(std::slice::from_ref(&path), &self.cgroup_root) {
+                Ok((compiled, warnings, timings)) => {
+                    for w in &warnings {
+                        warn!("{w}");
+                    }
+                    (compiled, timings)
                 }
-                compiled
-            }
-            Err(DaemonError::Policy(diags)) => {
-                return Response::Error {
-                    message: format!("{} is invalid; nothing was changed", path.display()),
-                    diagnostics: diags.iter().map(ToString::to_string).collect(),
+                Err(DaemonError::Policy(diags)) => {
+                    return Response::Error {
+                        message: format!("{} is invalid; nothing was changed", path.display()),
+                        diagnostics: diags.iter().map(ToString::to_string).collect(),
+                    }
                 }
-            }
-            Err(e) => {
-                return Response::Error {
-                    message: format!("{}: {e}; nothing was changed", path.display()),
-                    diagnostics: Vec::new(),
+                Err(e) => {
+                    return Response::Error {
+                        message: format!("{}: {e}; nothing was changed", path.display()),
+                        diagnostics: Vec::new(),
+                    }
                 }
-            }
-        };
+            };
+        let started = Instant::now();
         match self.loader.apply(&compiled, self.flags()) {
             Ok(generation) => {
+                let timings = with_apply(timings, started.elapsed(), self.loader.last_apply());
                 let message = format!(
                     "generation {generation}: {} applied ({} rules, {} identities); rolled back in {} unless `ztctl confirm`",
                     path.display(),
@@ -323,6 +361,7 @@ impl State {
                     ok: true,
                     at: now_secs(),
                     message: message.clone(),
+                    timings: Some(timings),
                 };
                 Response::Ok { message }
             }
@@ -365,8 +404,14 @@ impl State {
         let Some(p) = self.pending.take() else {
             return;
         };
+        let started = Instant::now();
         match self.loader.apply(&p.previous, self.flags()) {
             Ok(generation) => {
+                let timings = with_apply(
+                    ReloadTimings::default(),
+                    started.elapsed(),
+                    self.loader.last_apply(),
+                );
                 let message = format!(
                     "apply of {} (generation {}) not confirmed in time: rolled back to the previous policy as generation {generation}",
                     p.path.display(),
@@ -378,6 +423,7 @@ impl State {
                     ok: true,
                     at: now_secs(),
                     message,
+                    timings: Some(timings),
                 };
             }
             Err(e) => {
@@ -474,6 +520,7 @@ impl State {
             ok: false,
             at: now_secs(),
             message: message.clone(),
+            timings: None,
         };
         Response::Error {
             message,
@@ -653,7 +700,7 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
     let _ = LOG_FORMAT.set(opts.log_format);
     let cgroup_root = check_cgroup(&opts.cgroup)?;
     // Everything that can fail on bad input happens before the kernel is touched.
-    let (compiled, warnings) = compile_policy(&opts.policy, &cgroup_root)?;
+    let (compiled, warnings, timings) = compile_policy_timed(&opts.policy, &cgroup_root)?;
     for w in &warnings {
         warn!("{w}");
     }
@@ -679,6 +726,7 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
             ok: true,
             at: now_secs(),
             message: String::new(),
+            timings: None,
         },
         cgroup_root,
         loader,
@@ -691,7 +739,14 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
     };
     let flags = state.flags();
     // The same policy as the active slot holds (a restart): keep its generation.
+    let started = Instant::now();
     let (generation, kept) = state.loader.apply_or_keep(&state.compiled, flags)?;
+    let stats = if kept {
+        ApplyStats::default()
+    } else {
+        state.loader.last_apply()
+    };
+    state.last_reload.timings = Some(with_apply(timings, started.elapsed(), stats));
     let started = state.loader.attach_or_adopt()?;
     let adopted = started
         .iter()
@@ -803,6 +858,9 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
             _ = housekeeping.tick() => {
                 if let Ok(mut s) = state.lock() {
                     s.rollback_if_due();
+                    if let Err(e) = s.loader.sync_idle() {
+                        warn!("ztd: bringing the idle policy slot up to date failed: {e}; the next reload writes the whole policy");
+                    }
                     if !opts.check_interval.is_zero() && last_check.elapsed() >= opts.check_interval {
                         last_check = Instant::now();
                         s.check_and_repair();

@@ -15,14 +15,14 @@
 //! that slot holds, so small changes make few writes), then `ACTIVE` is flipped in one write.
 
 use std::{
-    collections::HashMap as StdHashMap,
-    hash::Hash,
-    os::fd::AsFd,
+    os::fd::{AsFd, BorrowedFd},
     path::{Path, PathBuf},
+    sync::Arc,
+    time::{Duration, Instant},
 };
 
 use aya::{
-    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray},
+    maps::{Array, Map, MapData, MapError, PerCpuArray},
     programs::{
         links::{FdLink, PinnedLink},
         CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr, Program,
@@ -31,8 +31,8 @@ use aya::{
     Ebpf, EbpfLoader, Pod,
 };
 use zt_common::{
-    ActiveSlot, Hook, KernelOffsets, SlotConfig, Stat, Verdict, HOOK_CODES, MAX_RULES,
-    PORTS_PER_PROTO, PORT_PROTOS, STAT_COUNT, VERDICT_CODES,
+    ActiveSlot, DecisionKey, DecisionValue, ExeKey, Hook, KernelOffsets, RuleOfKey, SlotConfig,
+    Stat, Verdict, HOOK_CODES, MAX_RULES, PORTS_PER_PROTO, PORT_PROTOS, STAT_COUNT, VERDICT_CODES,
 };
 
 use crate::{policy::Compiled, sys};
@@ -59,6 +59,12 @@ pub enum LoaderError {
     #[error("pinned link {path}: {source}")]
     Link {
         path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("writing map {map} failed after {done} entries: {source}")]
+    Batch {
+        map: String,
+        done: usize,
         source: std::io::Error,
     },
     #[error("pinned zt state in {bpffs} guards a different cgroup than {cgroup}: run `ztctl unload --bpffs {bpffs}` first, or use another --bpffs directory")]
@@ -138,8 +144,89 @@ pub struct Loader {
     /// The maps the object pins under `maps/` (checked and re-pinned by [`Loader::repair`]).
     pinned_maps: Vec<String>,
     /// What this process last wrote into each slot: the next write into that slot is a diff
-    /// against it, with no reads from the kernel. (Unknown after a start: read once.)
-    written: [Option<Box<Compiled>>; 2],
+    /// against it, with no reads from the kernel. (Unknown after a start: read once.) Both
+    /// slots share one image once [`Loader::sync_idle`] made them equal.
+    written: [Option<Arc<SlotImage>>; 2],
+    /// When `ACTIVE` last flipped, until [`Loader::sync_idle`] caught the idle slot up.
+    flipped: Option<Instant>,
+    last_apply: ApplyStats,
+}
+
+/// How long after a flip the old slot is left alone before [`Loader::sync_idle`] rewrites
+/// it: far longer than any program runs, so no decision that read the old `ACTIVE` value
+/// still looks at that slot.
+const IDLE_SYNC_DELAY: Duration = Duration::from_millis(500);
+
+/// Map entries one apply wrote and removed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ApplyStats {
+    pub updates: u64,
+    pub deletes: u64,
+}
+
+/// An LPM trie key as the kernel lays it out: prefix length, then the address bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct LpmKey<const N: usize> {
+    pub prefix_len: u32,
+    pub addr: [u8; N],
+}
+
+impl<const N: usize> Default for LpmKey<N> {
+    fn default() -> Self {
+        LpmKey {
+            prefix_len: 0,
+            addr: [0; N],
+        }
+    }
+}
+
+// SAFETY: repr(C) u32 followed by bytes: no padding for N = 4 and N = 16 (the sizes used).
+unsafe impl<const N: usize> Pod for LpmKey<N> {}
+
+/// One slot's map contents, each map's entries sorted by key: what the loader diffs against.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SlotImage {
+    exes: Vec<(ExeKey, u64)>,
+    uids: Vec<(u32, u64)>,
+    gids: Vec<(u32, u64)>,
+    cgroups: Vec<(u64, u64)>,
+    net4: Vec<(LpmKey<4>, u32)>,
+    net6: Vec<(LpmKey<16>, u32)>,
+    ports: Vec<u32>,
+    decisions: Vec<(DecisionKey, DecisionValue)>,
+    rule_of: Vec<(RuleOfKey, u32)>,
+}
+
+fn lpm<const N: usize>(prefix_len: u32, addr: [u8; N]) -> LpmKey<N> {
+    LpmKey { prefix_len, addr }
+}
+
+fn sorted<K: Ord + Copy, V: Copy>(mut v: Vec<(K, V)>) -> Vec<(K, V)> {
+    if !v.is_sorted_by(|a, b| a.0 < b.0) {
+        v.sort_by_key(|e| e.0);
+        // Later entries win, as they would in the kernel written in order.
+        v.reverse();
+        v.dedup_by(|a, b| a.0 == b.0);
+        v.reverse();
+    }
+    v
+}
+
+impl SlotImage {
+    pub fn of(c: &Compiled) -> SlotImage {
+        SlotImage {
+            exes: sorted(c.exes.clone()),
+            uids: sorted(c.uids.clone()),
+            gids: sorted(c.gids.clone()),
+            cgroups: sorted(c.cgroups.clone()),
+            net4: sorted(c.net4.iter().map(|(l, a, v)| (lpm(*l, *a), *v)).collect()),
+            net6: sorted(c.net6.iter().map(|(l, a, v)| (lpm(*l, *a), *v)).collect()),
+            ports: c.ports.clone(),
+            decisions: sorted(c.decisions.clone()),
+            rule_of: sorted(c.rule_of.clone()),
+        }
+    }
 }
 
 /// Something wrong with the pinned state in the kernel, found by [`Loader::problems`].
@@ -221,6 +308,8 @@ impl Loader {
             cgroup: cgroup.to_path_buf(),
             pinned_maps,
             written: [None, None],
+            flipped: None,
+            last_apply: ApplyStats::default(),
         })
     }
 
@@ -295,7 +384,7 @@ impl Loader {
     }
 
     /// Write `compiled` into the idle slot as the next generation and flip to it.
-    /// Returns the new generation.
+    /// Returns the new generation; [`Loader::last_apply`] tells what it wrote.
     pub fn apply(&mut self, compiled: &Compiled, flags: u32) -> Result<u64, LoaderError> {
         let (active_slot, active_cfg) = self.active()?;
         // Before anything was written, slot 0 is "active" with generation 0: write slot 0.
@@ -305,66 +394,10 @@ impl Loader {
             1 - active_slot
         };
         let generation = active_cfg.generation + 1;
+        let mut stats = ApplyStats::default();
 
-        // Forget what the slot held before writing: a failed write leaves it unknown (read
-        // again next time), never wrongly known.
-        let known = self.written[slot as usize & 1].take();
-        let known = known.as_deref();
-        let ebpf = &mut self.ebpf;
-        sync_hash(
-            ebpf,
-            &format!("EXE_{slot}"),
-            &compiled.exes,
-            known.map(|k| &k.exes[..]),
-        )?;
-        sync_hash(
-            ebpf,
-            &format!("UID_{slot}"),
-            &compiled.uids,
-            known.map(|k| &k.uids[..]),
-        )?;
-        sync_hash(
-            ebpf,
-            &format!("GID_{slot}"),
-            &compiled.gids,
-            known.map(|k| &k.gids[..]),
-        )?;
-        sync_hash(
-            ebpf,
-            &format!("CGROUP_{slot}"),
-            &compiled.cgroups,
-            known.map(|k| &k.cgroups[..]),
-        )?;
-        sync_lpm::<4>(
-            ebpf,
-            &format!("NET4_{slot}"),
-            &compiled.net4,
-            known.map(|k| &k.net4[..]),
-        )?;
-        sync_lpm::<16>(
-            ebpf,
-            &format!("NET6_{slot}"),
-            &compiled.net6,
-            known.map(|k| &k.net6[..]),
-        )?;
-        sync_ports(
-            ebpf,
-            &format!("PORTS_{slot}"),
-            &compiled.ports,
-            known.map(|k| &k.ports[..]),
-        )?;
-        sync_hash(
-            ebpf,
-            &format!("DECISION_{slot}"),
-            &compiled.decisions,
-            known.map(|k| &k.decisions[..]),
-        )?;
-        sync_hash(
-            ebpf,
-            &format!("RULE_OF_{slot}"),
-            &compiled.rule_of,
-            known.map(|k| &k.rule_of[..]),
-        )?;
+        let image = Arc::new(SlotImage::of(compiled));
+        self.write_slot(slot, &image, &mut stats)?;
 
         // The XDP front door passes TCP/UDP to these ports (replies to our own egress).
         let (ephemeral_low, ephemeral_high) = crate::xdp::ephemeral_range();
@@ -378,26 +411,160 @@ impl Loader {
         };
         let mut configs: Array<&mut MapData, SlotConfig> = map_mut(&mut self.ebpf, "SLOT_CONFIG")?;
         configs.set(slot, cfg, 0).map_err(map_err("SLOT_CONFIG"))?;
+        stats.updates += 1;
         // Zero this slot's rule counters: rule ids mean something new in this generation.
-        let mut hits: PerCpuArray<&mut MapData, u64> = map_mut(&mut self.ebpf, "RULE_HITS")?;
-        for rule in 0..=cfg.rules.min(MAX_RULES - 1) {
-            let zeros =
-                aya::maps::PerCpuValues::try_from(vec![0u64; nr_cpus()]).map_err(|source| {
-                    LoaderError::Io {
-                        path: self.layout.maps_dir().join("RULE_HITS"),
-                        source,
-                    }
-                })?;
-            hits.set(slot * MAX_RULES + rule, zeros, 0)
-                .map_err(map_err("RULE_HITS"))?;
-        }
+        self.zero_hits(slot, cfg.rules, &mut stats)?;
 
         let mut active: Array<&mut MapData, ActiveSlot> = map_mut(&mut self.ebpf, "ACTIVE")?;
         active
             .set(0, ActiveSlot { slot, _pad: 0 }, 0)
             .map_err(map_err("ACTIVE"))?;
-        self.written[slot as usize & 1] = Some(Box::new(compiled.clone()));
+        stats.updates += 1;
+        self.flipped = Some(Instant::now());
+        self.last_apply = stats;
         Ok(generation)
+    }
+
+    /// What the last [`Loader::apply`] wrote and removed.
+    pub fn last_apply(&self) -> ApplyStats {
+        self.last_apply
+    }
+
+    /// Make `slot`'s policy maps hold `image`: a diff against what the slot is known to hold
+    /// (read from the kernel when unknown), written in batches.
+    fn write_slot(
+        &mut self,
+        slot: u32,
+        image: &Arc<SlotImage>,
+        stats: &mut ApplyStats,
+    ) -> Result<(), LoaderError> {
+        // Forget what the slot held before writing: a failed write leaves it unknown (read
+        // again next time), never wrongly known.
+        let known = self.written[slot as usize & 1].take();
+        if let Some(k) = &known {
+            if Arc::ptr_eq(k, image) || **k == **image {
+                self.written[slot as usize & 1] = known;
+                return Ok(());
+            }
+        }
+        let known = known.as_deref();
+        let ebpf = &self.ebpf;
+        let w = &**image;
+        sync_map(
+            ebpf,
+            &format!("EXE_{slot}"),
+            &w.exes,
+            known.map(|k| &k.exes[..]),
+            stats,
+        )?;
+        sync_map(
+            ebpf,
+            &format!("UID_{slot}"),
+            &w.uids,
+            known.map(|k| &k.uids[..]),
+            stats,
+        )?;
+        sync_map(
+            ebpf,
+            &format!("GID_{slot}"),
+            &w.gids,
+            known.map(|k| &k.gids[..]),
+            stats,
+        )?;
+        sync_map(
+            ebpf,
+            &format!("CGROUP_{slot}"),
+            &w.cgroups,
+            known.map(|k| &k.cgroups[..]),
+            stats,
+        )?;
+        sync_map(
+            ebpf,
+            &format!("NET4_{slot}"),
+            &w.net4,
+            known.map(|k| &k.net4[..]),
+            stats,
+        )?;
+        sync_map(
+            ebpf,
+            &format!("NET6_{slot}"),
+            &w.net6,
+            known.map(|k| &k.net6[..]),
+            stats,
+        )?;
+        sync_ports(
+            ebpf,
+            &format!("PORTS_{slot}"),
+            &w.ports,
+            known.map(|k| &k.ports[..]),
+            stats,
+        )?;
+        sync_map(
+            ebpf,
+            &format!("DECISION_{slot}"),
+            &w.decisions,
+            known.map(|k| &k.decisions[..]),
+            stats,
+        )?;
+        sync_map(
+            ebpf,
+            &format!("RULE_OF_{slot}"),
+            &w.rule_of,
+            known.map(|k| &k.rule_of[..]),
+            stats,
+        )?;
+        self.written[slot as usize & 1] = Some(Arc::clone(image));
+        Ok(())
+    }
+
+    /// Zero the hit counters of `slot`'s rules `0..=rules`: one batch read, then one batch
+    /// write of the counters that moved (per-CPU values: 8 bytes per possible CPU).
+    fn zero_hits(&self, slot: u32, rules: u32, stats: &mut ApplyStats) -> Result<(), LoaderError> {
+        let fd = map_fd(&self.ebpf, "RULE_HITS")?;
+        let count = rules.min(MAX_RULES - 1) as usize + 1;
+        let first = slot * MAX_RULES;
+        let value_size = 8 * nr_cpus();
+        let batch_err = |e: sys::BatchError| LoaderError::Batch {
+            map: "RULE_HITS".to_string(),
+            done: e.done,
+            source: e.error,
+        };
+        let current = sys::array_lookup_range(fd, first, count, value_size).map_err(batch_err)?;
+        let moved: Vec<u32> = current
+            .chunks_exact(value_size)
+            .enumerate()
+            .filter(|(_, v)| v.iter().any(|b| *b != 0))
+            .map(|(i, _)| first + i as u32)
+            .collect();
+        if moved.is_empty() {
+            return Ok(());
+        }
+        let zeros = vec![0u8; moved.len() * value_size];
+        sys::map_update_batch(fd, &moved, &zeros, value_size).map_err(batch_err)?;
+        stats.updates += moved.len() as u64;
+        Ok(())
+    }
+
+    /// Bring the idle slot up to the active policy, once no program can still be reading it
+    /// (well after the flip). The next [`Loader::apply`] then writes just its own diff: a
+    /// one-rule change on top of 100k rules writes a handful of entries, also the first
+    /// time after a start. Returns what it wrote, if it wrote.
+    pub fn sync_idle(&mut self) -> Result<Option<ApplyStats>, LoaderError> {
+        if self.flipped.is_none_or(|t| t.elapsed() < IDLE_SYNC_DELAY) {
+            return Ok(None);
+        }
+        let (active_slot, active_cfg) = self.active()?;
+        let idle = 1 - active_slot;
+        let Some(image) = self.written[active_slot as usize & 1].clone() else {
+            return Ok(None);
+        };
+        if active_cfg.generation == 0 {
+            return Ok(None);
+        }
+        self.flipped = None;
+        let mut stats = ApplyStats::default();
+        self.write_slot(idle, &image, &mut stats)?;
+        Ok(Some(stats))
     }
 
     /// Per-rule hit counters of the active generation (index = rule id, 0 = default).
@@ -800,103 +967,152 @@ where
     T::try_from(m).map_err(map_err(name))
 }
 
-/// Make the hash map hold exactly `want`: delete stale keys, write changed values.
-/// Make the hash map hold exactly `want`. `known`: what it holds, if this process wrote it
-/// (no reads then); otherwise it is read.
-fn sync_hash<K, V>(
-    ebpf: &mut Ebpf,
+/// The fd of one of the object's maps (the kinds the loader writes).
+fn map_fd<'a>(ebpf: &'a Ebpf, name: &str) -> Result<BorrowedFd<'a>, LoaderError> {
+    match ebpf.map(name) {
+        Some(Map::HashMap(m) | Map::LpmTrie(m) | Map::Array(m) | Map::PerCpuArray(m)) => {
+            Ok(m.fd().as_fd())
+        }
+        _ => Err(LoaderError::Map {
+            map: name.to_string(),
+            source: MapError::InvalidName {
+                name: name.to_string(),
+            },
+        }),
+    }
+}
+
+/// The bytes of plain-data values (the zt-common ABI types have no padding).
+fn pod_bytes<T: Pod>(values: &[T]) -> &[u8] {
+    // SAFETY: `Pod` types are `Copy`, have no padding and any bit pattern is valid; the
+    // slice covers exactly the values' memory.
+    unsafe { std::slice::from_raw_parts(values.as_ptr().cast(), std::mem::size_of_val(values)) }
+}
+
+/// Make the map hold exactly `want` (sorted by key): remove stale keys, write new and changed
+/// entries, both in batches. `known`: what it holds (sorted), if this process wrote it;
+/// otherwise it is read (one batch walk).
+fn sync_map<K, V>(
+    ebpf: &Ebpf,
     name: &str,
     want: &[(K, V)],
     known: Option<&[(K, V)]>,
+    stats: &mut ApplyStats,
 ) -> Result<(), LoaderError>
 where
-    K: Pod + Eq + Hash,
+    K: Pod + Ord + Default,
     V: Pod + PartialEq,
 {
-    let mut m: HashMap<&mut MapData, K, V> = map_mut(ebpf, name)?;
-    let mut have: StdHashMap<K, V> = StdHashMap::new();
-    match known {
-        Some(known) => have.extend(known.iter().copied()),
+    let fd = map_fd(ebpf, name)?;
+    let batch_err = |e: sys::BatchError| LoaderError::Batch {
+        map: name.to_string(),
+        done: e.done,
+        source: e.error,
+    };
+    let read;
+    let have: &[(K, V)] = match known {
+        Some(k) => k,
         None => {
-            let keys: Vec<K> = m.keys().collect::<Result<_, _>>().map_err(map_err(name))?;
-            for k in keys {
-                if let Ok(v) = m.get(&k, 0) {
-                    have.insert(k, v);
+            let vsize = std::mem::size_of::<V>();
+            let (keys, values) = sys::map_lookup_all::<K>(fd, vsize).map_err(batch_err)?;
+            let mut entries: Vec<(K, V)> = keys
+                .into_iter()
+                .zip(values.chunks_exact(vsize))
+                // SAFETY: `V` is `Pod` and the chunk is exactly its size.
+                .map(|(k, v)| {
+                    (k, unsafe {
+                        std::ptr::read_unaligned(v.as_ptr().cast::<V>())
+                    })
+                })
+                .collect();
+            entries.sort_unstable_by_key(|e| e.0);
+            read = entries;
+            &read
+        }
+    };
+    // Both sides are sorted by key: one merge pass finds what to remove and what to write.
+    let mut remove: Vec<K> = Vec::new();
+    let mut keys: Vec<K> = Vec::new();
+    let mut values: Vec<V> = Vec::new();
+    let (mut i, mut j) = (0, 0);
+    while i < have.len() || j < want.len() {
+        match (have.get(i), want.get(j)) {
+            (Some(h), Some(w)) if h.0 == w.0 => {
+                if h.1 != w.1 {
+                    keys.push(w.0);
+                    values.push(w.1);
                 }
+                i += 1;
+                j += 1;
             }
+            (Some(h), Some(w)) if h.0 < w.0 => {
+                remove.push(h.0);
+                i += 1;
+            }
+            (Some(h), None) => {
+                remove.push(h.0);
+                i += 1;
+            }
+            (_, Some(w)) => {
+                keys.push(w.0);
+                values.push(w.1);
+                j += 1;
+            }
+            (None, None) => break,
         }
     }
-    let want_keys: std::collections::HashSet<&K> = want.iter().map(|(k, _)| k).collect();
-    for k in have.keys() {
-        if !want_keys.contains(k) {
-            m.remove(k).map_err(map_err(name))?;
-        }
+    if !remove.is_empty() {
+        sys::map_delete_batch(fd, &remove).map_err(batch_err)?;
+        stats.deletes += remove.len() as u64;
     }
-    for (k, v) in want {
-        if have.get(k) != Some(v) {
-            m.insert(k, v, 0).map_err(map_err(name))?;
-        }
+    if !keys.is_empty() {
+        sys::map_update_batch(fd, &keys, pod_bytes(&values), std::mem::size_of::<V>())
+            .map_err(batch_err)?;
+        stats.updates += keys.len() as u64;
     }
     Ok(())
 }
 
-fn sync_lpm<const N: usize>(
-    ebpf: &mut Ebpf,
-    name: &str,
-    want: &[(u32, [u8; N], u32)],
-    known: Option<&[(u32, [u8; N], u32)]>,
-) -> Result<(), LoaderError>
-where
-    [u8; N]: Pod,
-{
-    let mut m: LpmTrie<&mut MapData, [u8; N], u32> = map_mut(ebpf, name)?;
-    let mut have: StdHashMap<(u32, [u8; N]), u32> = StdHashMap::new();
-    match known {
-        Some(known) => have.extend(known.iter().map(|(len, addr, c)| ((*len, *addr), *c))),
-        None => {
-            let keys: Vec<Key<[u8; N]>> =
-                m.keys().collect::<Result<_, _>>().map_err(map_err(name))?;
-            for k in keys {
-                if let Ok(v) = m.get(&k, 0) {
-                    have.insert((k.prefix_len(), k.data()), v);
-                }
-            }
-        }
-    }
-    let want_map: StdHashMap<(u32, [u8; N]), u32> = want
-        .iter()
-        .map(|(len, addr, class)| ((*len, *addr), *class))
-        .collect();
-    for (len, addr) in have.keys() {
-        if !want_map.contains_key(&(*len, *addr)) {
-            m.remove(&Key::new(*len, *addr)).map_err(map_err(name))?;
-        }
-    }
-    for ((len, addr), class) in &want_map {
-        if have.get(&(*len, *addr)) != Some(class) {
-            m.insert(&Key::new(*len, *addr), class, 0)
-                .map_err(map_err(name))?;
-        }
-    }
-    Ok(())
-}
-
+/// Make the port-class array hold `want` (missing indices: 0): one batch read when its
+/// contents are unknown, one batch write of the changed indices.
 fn sync_ports(
-    ebpf: &mut Ebpf,
+    ebpf: &Ebpf,
     name: &str,
     want: &[u32],
     known: Option<&[u32]>,
+    stats: &mut ApplyStats,
 ) -> Result<(), LoaderError> {
-    let mut m: Array<&mut MapData, u32> = map_mut(ebpf, name)?;
-    for index in 0..PORT_PROTOS * PORTS_PER_PROTO {
-        let value = want.get(index as usize).copied().unwrap_or(0);
-        let current = match known {
-            Some(known) => known.get(index as usize).copied().unwrap_or(0),
-            None => m.get(&index, 0).map_err(map_err(name))?,
-        };
-        if current != value {
-            m.set(index, value, 0).map_err(map_err(name))?;
+    let fd = map_fd(ebpf, name)?;
+    let batch_err = |e: sys::BatchError| LoaderError::Batch {
+        map: name.to_string(),
+        done: e.done,
+        source: e.error,
+    };
+    let len = (PORT_PROTOS * PORTS_PER_PROTO) as usize;
+    let read;
+    let have: &[u32] = match known {
+        Some(k) => k,
+        None => {
+            let bytes = sys::array_lookup_range(fd, 0, len, 4).map_err(batch_err)?;
+            read = bytes
+                .chunks_exact(4)
+                .map(|b| u32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
+                .collect::<Vec<u32>>();
+            &read
         }
+    };
+    let mut keys: Vec<u32> = Vec::new();
+    let mut values: Vec<u32> = Vec::new();
+    for index in 0..len {
+        let value = want.get(index).copied().unwrap_or(0);
+        if have.get(index).copied().unwrap_or(0) != value {
+            keys.push(index as u32);
+            values.push(value);
+        }
+    }
+    if !keys.is_empty() {
+        sys::map_update_batch(fd, &keys, pod_bytes(&values), 4).map_err(batch_err)?;
+        stats.updates += keys.len() as u64;
     }
     Ok(())
 }
