@@ -15,6 +15,7 @@
 //! that slot holds, so small changes make few writes), then `ACTIVE` is flipped in one write.
 
 use std::{
+    collections::HashMap as StdHashMap,
     os::fd::{AsFd, BorrowedFd},
     path::{Path, PathBuf},
     sync::Arc,
@@ -32,7 +33,8 @@ use aya::{
 };
 use zt_common::{
     ActiveSlot, DecisionKey, DecisionValue, ExeKey, Hook, KernelOffsets, RuleOfKey, SlotConfig,
-    Stat, Verdict, HOOK_CODES, MAX_RULES, PORTS_PER_PROTO, PORT_PROTOS, STAT_COUNT, VERDICT_CODES,
+    Stat, Verdict, HOOK_CODES, MAX_RULES, NET_CLASS_FIRST, PORTS_PER_PROTO, PORT_PROTOS,
+    STAT_COUNT, VERDICT_CODES,
 };
 
 use crate::{policy::Compiled, sys};
@@ -214,6 +216,73 @@ fn sorted<K: Ord + Copy, V: Copy>(mut v: Vec<(K, V)>) -> Vec<(K, V)> {
 }
 
 impl SlotImage {
+    /// Rename net classes and decision entries to the names `old` gives the same prefixes
+    /// and decision keys (new ones get names `old` does not use). Compiling numbers them in
+    /// order, so one added prefix would otherwise rename every later one and its decisions:
+    /// renamed, a one-rule change rewrites a handful of entries instead of the whole slot.
+    /// The kernel reads the names only as keys; what they mean is unchanged.
+    fn renumber_like(&mut self, old: &SlotImage) {
+        let max_class = old
+            .net4
+            .iter()
+            .map(|e| e.1)
+            .chain(old.net6.iter().map(|e| e.1))
+            .max()
+            .unwrap_or(0);
+        let max_entry = old.decisions.iter().map(|e| e.1.entry).max().unwrap_or(0);
+        // Names only grow: start afresh (keep compile's) once they get large.
+        if max_class >= u32::MAX / 4 || max_entry >= u32::MAX / 4 {
+            return;
+        }
+        let mut classes: StdHashMap<u32, u32> = StdHashMap::new();
+        let mut next = max_class.max(NET_CLASS_FIRST - 1) + 1;
+        fn match_classes<K: Ord>(
+            new: &mut [(K, u32)],
+            old: &[(K, u32)],
+            classes: &mut StdHashMap<u32, u32>,
+            next: &mut u32,
+        ) {
+            for (k, class) in new.iter_mut() {
+                let renamed = match old.binary_search_by(|e| e.0.cmp(k)) {
+                    Ok(i) => old[i].1,
+                    Err(_) => {
+                        *next += 1;
+                        *next - 1
+                    }
+                };
+                classes.insert(*class, renamed);
+                *class = renamed;
+            }
+        }
+        match_classes(&mut self.net4, &old.net4, &mut classes, &mut next);
+        match_classes(&mut self.net6, &old.net6, &mut classes, &mut next);
+        for (k, _) in &mut self.decisions {
+            if let Some(c) = classes.get(&k.net_class) {
+                k.net_class = *c;
+            }
+        }
+        self.decisions.sort_unstable_by_key(|e| e.0);
+        let mut entries: StdHashMap<u32, u32> = StdHashMap::with_capacity(self.decisions.len());
+        let mut next = max_entry + 1;
+        for (k, v) in &mut self.decisions {
+            let renamed = match old.decisions.binary_search_by(|e| e.0.cmp(k)) {
+                Ok(i) => old.decisions[i].1.entry,
+                Err(_) => {
+                    next += 1;
+                    next - 1
+                }
+            };
+            entries.insert(v.entry, renamed);
+            v.entry = renamed;
+        }
+        for (k, _) in &mut self.rule_of {
+            if let Some(e) = entries.get(&k.entry) {
+                k.entry = *e;
+            }
+        }
+        self.rule_of.sort_unstable_by_key(|e| e.0);
+    }
+
     pub fn of(c: &Compiled) -> SlotImage {
         SlotImage {
             exes: sorted(c.exes.clone()),
@@ -376,16 +445,31 @@ impl Loader {
         flags: u32,
     ) -> Result<(u64, bool), LoaderError> {
         let (_, active) = self.active()?;
-        let hash = policy_hash(compiled, flags, crate::xdp::ephemeral_range());
+        let ephemeral = crate::xdp::ephemeral_range();
+        let hash = policy_hash(compiled, flags, ephemeral);
         if active.generation != 0 && active.policy_hash == hash {
             return Ok((active.generation, true));
         }
-        self.apply(compiled, flags).map(|g| (g, false))
+        self.apply_hashed(compiled, flags, ephemeral, hash)
+            .map(|g| (g, false))
     }
 
     /// Write `compiled` into the idle slot as the next generation and flip to it.
     /// Returns the new generation; [`Loader::last_apply`] tells what it wrote.
     pub fn apply(&mut self, compiled: &Compiled, flags: u32) -> Result<u64, LoaderError> {
+        let ephemeral = crate::xdp::ephemeral_range();
+        let hash = policy_hash(compiled, flags, ephemeral);
+        self.apply_hashed(compiled, flags, ephemeral, hash)
+    }
+
+    /// [`Loader::apply`] with the ephemeral port range and [`policy_hash`] already known.
+    fn apply_hashed(
+        &mut self,
+        compiled: &Compiled,
+        flags: u32,
+        (ephemeral_low, ephemeral_high): (u16, u16),
+        policy_hash: u64,
+    ) -> Result<u64, LoaderError> {
         let (active_slot, active_cfg) = self.active()?;
         // Before anything was written, slot 0 is "active" with generation 0: write slot 0.
         let slot = if active_cfg.generation == 0 {
@@ -400,13 +484,12 @@ impl Loader {
         self.write_slot(slot, &image, &mut stats)?;
 
         // The XDP front door passes TCP/UDP to these ports (replies to our own egress).
-        let (ephemeral_low, ephemeral_high) = crate::xdp::ephemeral_range();
         let cfg = SlotConfig {
             generation,
             flags,
             ephemeral_low,
             ephemeral_high,
-            policy_hash: policy_hash(compiled, flags, (ephemeral_low, ephemeral_high)),
+            policy_hash,
             ..compiled.config
         };
         let mut configs: Array<&mut MapData, SlotConfig> = map_mut(&mut self.ebpf, "SLOT_CONFIG")?;
@@ -447,7 +530,24 @@ impl Loader {
                 return Ok(());
             }
         }
-        let known = known.as_deref();
+        let read;
+        let known = match known.as_deref() {
+            Some(k) => k,
+            None => {
+                read = read_slot(&self.ebpf, slot)?;
+                &read
+            }
+        };
+        let renumbered;
+        let image = if known.decisions.is_empty() {
+            image
+        } else {
+            let mut w = (**image).clone();
+            w.renumber_like(known);
+            renumbered = Arc::new(w);
+            &renumbered
+        };
+        let known = Some(known);
         let ebpf = &self.ebpf;
         let w = &**image;
         sync_map(
@@ -785,21 +885,34 @@ pub fn policy_hash(compiled: &Compiled, flags: u32, ephemeral: (u16, u16)) -> u6
         ephemeral_high: ephemeral.1,
         ..compiled.config
     };
-    let _ = write!(
-        h,
-        "{cfg:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|",
-        compiled.exes,
-        compiled.uids,
-        compiled.gids,
-        compiled.cgroups,
-        compiled.net4,
-        compiled.net6,
-        compiled.decisions,
-        compiled.rule_of
-    );
-    for p in &compiled.ports {
-        h.bytes(&p.to_le_bytes());
+    let _ = write!(h, "{cfg:?}|");
+    // Each map's entries as bytes, with its length: no formatting of 100k entries.
+    fn map<K: Pod, V: Pod>(h: &mut Fnv, entries: &[(K, V)]) {
+        h.bytes(&(entries.len() as u64).to_le_bytes());
+        for (k, v) in entries {
+            h.bytes(pod_bytes(std::slice::from_ref(k)));
+            h.bytes(pod_bytes(std::slice::from_ref(v)));
+        }
     }
+    map(&mut h, &compiled.exes);
+    map(&mut h, &compiled.uids);
+    map(&mut h, &compiled.gids);
+    map(&mut h, &compiled.cgroups);
+    h.bytes(&(compiled.net4.len() as u64).to_le_bytes());
+    for (len, addr, class) in &compiled.net4 {
+        h.bytes(&len.to_le_bytes());
+        h.bytes(addr);
+        h.bytes(&class.to_le_bytes());
+    }
+    h.bytes(&(compiled.net6.len() as u64).to_le_bytes());
+    for (len, addr, class) in &compiled.net6 {
+        h.bytes(&len.to_le_bytes());
+        h.bytes(addr);
+        h.bytes(&class.to_le_bytes());
+    }
+    map(&mut h, &compiled.decisions);
+    map(&mut h, &compiled.rule_of);
+    h.bytes(pod_bytes(&compiled.ports));
     h.0
 }
 
@@ -965,6 +1078,59 @@ where
         },
     })?;
     T::try_from(m).map_err(map_err(name))
+}
+
+/// What `slot`'s policy maps hold now (batch reads).
+fn read_slot(ebpf: &Ebpf, slot: u32) -> Result<SlotImage, LoaderError> {
+    let ports_name = format!("PORTS_{slot}");
+    let fd = map_fd(ebpf, &ports_name)?;
+    let bytes = sys::array_lookup_range(fd, 0, (PORT_PROTOS * PORTS_PER_PROTO) as usize, 4)
+        .map_err(|e| LoaderError::Batch {
+            map: ports_name,
+            done: e.done,
+            source: e.error,
+        })?;
+    Ok(SlotImage {
+        exes: read_map(ebpf, &format!("EXE_{slot}"))?,
+        uids: read_map(ebpf, &format!("UID_{slot}"))?,
+        gids: read_map(ebpf, &format!("GID_{slot}"))?,
+        cgroups: read_map(ebpf, &format!("CGROUP_{slot}"))?,
+        net4: read_map(ebpf, &format!("NET4_{slot}"))?,
+        net6: read_map(ebpf, &format!("NET6_{slot}"))?,
+        ports: bytes
+            .chunks_exact(4)
+            .map(|b| u32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
+            .collect(),
+        decisions: read_map(ebpf, &format!("DECISION_{slot}"))?,
+        rule_of: read_map(ebpf, &format!("RULE_OF_{slot}"))?,
+    })
+}
+
+/// Every entry of a hash or trie map, sorted by key (one batch walk).
+fn read_map<K, V>(ebpf: &Ebpf, name: &str) -> Result<Vec<(K, V)>, LoaderError>
+where
+    K: Pod + Ord + Default,
+    V: Pod,
+{
+    let fd = map_fd(ebpf, name)?;
+    let vsize = std::mem::size_of::<V>();
+    let (keys, values) = sys::map_lookup_all::<K>(fd, vsize).map_err(|e| LoaderError::Batch {
+        map: name.to_string(),
+        done: e.done,
+        source: e.error,
+    })?;
+    let mut entries: Vec<(K, V)> = keys
+        .into_iter()
+        .zip(values.chunks_exact(vsize))
+        // SAFETY: `V` is `Pod` and the chunk is exactly its size.
+        .map(|(k, v)| {
+            (k, unsafe {
+                std::ptr::read_unaligned(v.as_ptr().cast::<V>())
+            })
+        })
+        .collect();
+    entries.sort_unstable_by_key(|e| e.0);
+    Ok(entries)
 }
 
 /// The fd of one of the object's maps (the kinds the loader writes).
