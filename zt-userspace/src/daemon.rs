@@ -240,6 +240,12 @@ impl State {
     /// Reload: all of the new policy or nothing. A policy identical to the active one (same
     /// hash) keeps the generation.
     fn reload(&mut self) -> Response {
+        let response = self.reload_policy();
+        sys::trim_heap();
+        response
+    }
+
+    fn reload_policy(&mut self) -> Response {
         if let Some(p) = &self.pending {
             let message = format!(
                 "an apply of {} (generation {}) is pending: `ztctl confirm` it or wait for its rollback, then reload",
@@ -304,6 +310,12 @@ impl State {
     /// `ztctl apply PATH --confirm-within D`: apply PATH as the next generation now; roll
     /// back unless confirmed in time. An invalid PATH changes nothing.
     fn apply_pending(&mut self, path: PathBuf, within: Duration) -> Response {
+        let response = self.apply_pending_policy(path, within);
+        sys::trim_heap();
+        response
+    }
+
+    fn apply_pending_policy(&mut self, path: PathBuf, within: Duration) -> Response {
         if let Some(p) = &self.pending {
             return Response::Error {
                 message: format!(
@@ -419,6 +431,7 @@ impl State {
                 );
                 warn!("ztd: {message}");
                 self.compiled = p.previous;
+                sys::trim_heap();
                 self.last_reload = ReloadResult {
                     ok: true,
                     at: now_secs(),
@@ -638,8 +651,14 @@ impl State {
     }
 
     /// Where a rule is, for event records: `path:line:column`, or `default`.
+    /// Rule `id` (`rules[i].id == i + 1`: no search, events look rules up at a high rate).
+    fn rule(&self, id: u32) -> Option<&policy::RuleInfo> {
+        let i = usize::try_from(id).ok()?.checked_sub(1)?;
+        self.compiled.rules.get(i).filter(|r| r.id == id)
+    }
+
     fn rule_location(&self, id: u32) -> String {
-        match self.compiled.rules.iter().find(|r| r.id == id) {
+        match self.rule(id) {
             Some(r) if id != RULE_DEFAULT => {
                 format!("{}:{}:{}", r.path.display(), r.line, r.column)
             }
@@ -651,7 +670,7 @@ impl State {
         if id == RULE_DEFAULT {
             return "default".to_string();
         }
-        match self.compiled.rules.iter().find(|r| r.id == id) {
+        match self.rule(id) {
             Some(r) => format!("#{id}({}:{})", r.path.display(), r.line),
             None => format!("#{id}"),
         }
@@ -698,6 +717,7 @@ fn bind_socket(path: &Path) -> Result<UnixListener, DaemonError> {
 /// Run the daemon until a signal or `unload`.
 pub async fn run(opts: Options) -> Result<(), DaemonError> {
     let _ = LOG_FORMAT.set(opts.log_format);
+    sys::limit_arenas(2);
     let cgroup_root = check_cgroup(&opts.cgroup)?;
     // Everything that can fail on bad input happens before the kernel is touched.
     let (compiled, warnings, timings) = compile_policy_timed(&opts.policy, &cgroup_root)?;
@@ -747,6 +767,7 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
         state.loader.last_apply()
     };
     state.last_reload.timings = Some(with_apply(timings, started.elapsed(), stats));
+    sys::trim_heap();
     let started = state.loader.attach_or_adopt()?;
     let adopted = started
         .iter()
@@ -1104,6 +1125,9 @@ fn snapshot(state: &Arc<Mutex<State>>, history: &Arc<Mutex<History>>) -> Metrics
 
 /// Read decision events from the ring buffer: enrich, print, keep in the history. A record
 /// that cannot be parsed is counted as lost in the daemon, never dropped silently.
+/// Events read from the ring buffer per batch.
+const EVENT_BATCH: usize = 256;
+
 async fn read_events(
     ring: RingBuf<aya::maps::MapData>,
     state: Arc<Mutex<State>>,
@@ -1112,6 +1136,10 @@ async fn read_events(
 ) {
     let offset = events::monotonic_to_realtime_offset();
     let mut exe_cache = HashMap::new();
+    let mut batch: Vec<DecisionEvent> = Vec::with_capacity(EVENT_BATCH);
+    let mut labels: Vec<(String, String, Option<String>)> = Vec::with_capacity(EVENT_BATCH);
+    let mut records: Vec<EventRecord> = Vec::with_capacity(EVENT_BATCH);
+    let mut text = String::new();
     // SAFETY: the ring buffer owns its fd for as long as the AsyncFd owns the ring buffer.
     let mut fd = match unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) } {
         Ok(fd) => fd,
@@ -1129,54 +1157,86 @@ async fn read_events(
             }
         };
         let ring: &mut RingBuf<MapData> = guard.get_inner_mut();
-        while let Some(item) = ring.next() {
-            let Some(ev) = DecisionEvent::from_bytes(&item) else {
-                if let Ok(mut h) = history.lock() {
-                    h.count_lost(1);
+        // In batches: one lock of the state and of the history, and one write of the text
+        // lines, per batch rather than per event.
+        loop {
+            batch.clear();
+            let mut malformed = 0u64;
+            while batch.len() < EVENT_BATCH {
+                let Some(item) = ring.next() else { break };
+                match DecisionEvent::from_bytes(&item) {
+                    Some(ev) => batch.push(ev),
+                    None => malformed += 1,
                 }
-                continue;
-            };
-            let (label, location, pinned_exe) = match state.lock() {
-                Ok(s) => (
-                    s.rule_label(ev.rule),
-                    s.rule_location(ev.rule),
-                    s.compiled
-                        .exe_paths
-                        .iter()
-                        .find(|(key, _)| *key == ev.exe)
-                        .map(|(_, path)| path.display().to_string()),
-                ),
-                Err(_) => (format!("#{}", ev.rule), "default".to_string(), None),
-            };
-            let mut record = EventRecord::from_event(&ev, offset, location);
-            record.enrich(&mut enricher);
-            if record.exe.is_none() {
-                // The process is gone; the policy may still name its executable.
-                record.exe = pinned_exe;
             }
-            match log_format() {
-                LogFormat::Text => {
-                    let exe = match &record.exe {
-                        Some(path) => path.clone(),
-                        None => events::exe_path(ev.tgid, &mut exe_cache),
-                    };
-                    say!("{}", events::format_line(&ev, offset, &exe, &label));
-                }
-                LogFormat::Json => {
-                    let fields: Vec<(String, serde_json::Value)> =
-                        match serde_json::to_value(&record) {
-                            Ok(serde_json::Value::Object(map)) => map.into_iter().collect(),
-                            _ => Vec::new(),
-                        };
-                    let fields: Vec<(&str, serde_json::Value)> = fields
+            if batch.is_empty() && malformed == 0 {
+                break;
+            }
+            labels.clear();
+            match state.lock() {
+                Ok(s) => labels.extend(batch.iter().map(|ev| {
+                    (
+                        s.rule_label(ev.rule),
+                        s.rule_location(ev.rule),
+                        s.compiled
+                            .exe_paths
+                            .iter()
+                            .find(|(key, _)| *key == ev.exe)
+                            .map(|(_, path)| path.display().to_string()),
+                    )
+                })),
+                Err(_) => labels.extend(
+                    batch
                         .iter()
-                        .map(|(k, v)| (k.as_str(), v.clone()))
-                        .collect();
-                    emit_line(false, "info", "decision", &fields);
+                        .map(|ev| (format!("#{}", ev.rule), "default".to_string(), None)),
+                ),
+            }
+            records.clear();
+            text.clear();
+            for (ev, (label, location, pinned_exe)) in batch.iter().zip(labels.drain(..)) {
+                let mut record = EventRecord::from_event(ev, offset, location);
+                record.enrich(&mut enricher);
+                if record.exe.is_none() {
+                    // The process is gone; the policy may still name its executable.
+                    record.exe = pinned_exe;
                 }
+                match log_format() {
+                    LogFormat::Text => {
+                        let exe = match &record.exe {
+                            Some(path) => path.clone(),
+                            None => events::exe_path(ev.tgid, &mut exe_cache),
+                        };
+                        text.push_str(&events::format_line(ev, offset, &exe, &label));
+                        text.push('\n');
+                    }
+                    LogFormat::Json => {
+                        let fields: Vec<(String, serde_json::Value)> =
+                            match serde_json::to_value(&record) {
+                                Ok(serde_json::Value::Object(map)) => map.into_iter().collect(),
+                                _ => Vec::new(),
+                            };
+                        let fields: Vec<(&str, serde_json::Value)> = fields
+                            .iter()
+                            .map(|(k, v)| (k.as_str(), v.clone()))
+                            .collect();
+                        text.push_str(&log_line(LogFormat::Json, "info", "decision", &fields));
+                        text.push('\n');
+                    }
+                }
+                records.push(record);
+            }
+            if !text.is_empty() {
+                use std::io::Write as _;
+                // A closed stdout must never stop the daemon.
+                let _ = std::io::stdout().lock().write_all(text.as_bytes());
             }
             if let Ok(mut h) = history.lock() {
-                h.push(record);
+                if malformed > 0 {
+                    h.count_lost(malformed);
+                }
+                for record in records.drain(..) {
+                    h.push(record);
+                }
             }
         }
         guard.clear_ready();

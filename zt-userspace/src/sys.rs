@@ -409,6 +409,26 @@ pub fn array_lookup_range(
     Ok(values)
 }
 
+/// Give the kernel back the heap memory the allocator keeps after a big free (glibc holds
+/// freed memory for reuse: after a 100k-rule load, tens of MiB the daemon no longer needs).
+pub fn trim_heap() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only releases free memory of the allocator.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+/// Cap glibc's malloc arenas: by default each thread that meets contention gets its own, and
+/// memory a reload frees in one arena is not reused by another.
+pub fn limit_arenas(n: i32) {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt only changes allocator tuning.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, n);
+    }
+}
+
 /// Open a directory (cgroup) read-only, as the attach and query calls want it.
 pub fn open_dir(path: &Path) -> io::Result<OwnedFd> {
     Ok(std::fs::File::open(path)?.into())
