@@ -168,11 +168,24 @@ pub struct ApplyStats {
 }
 
 /// An LPM trie key as the kernel lays it out: prefix length, then the address bytes.
+/// Ordered by (address, prefix length), the order the compiler emits them in.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct LpmKey<const N: usize> {
     pub prefix_len: u32,
     pub addr: [u8; N],
+}
+
+impl<const N: usize> Ord for LpmKey<N> {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (self.addr, self.prefix_len).cmp(&(other.addr, other.prefix_len))
+    }
+}
+
+impl<const N: usize> PartialOrd for LpmKey<N> {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
 }
 
 impl<const N: usize> Default for LpmKey<N> {
