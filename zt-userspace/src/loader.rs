@@ -214,6 +214,42 @@ pub struct SlotImage {
     rule_of: Vec<(RuleOfKey, u32)>,
 }
 
+/// Old name → new name: a table indexed by the old name when names are dense (as compiled),
+/// else a sorted list.
+enum Renames {
+    Dense(Vec<u32>),
+    Sparse(Vec<(u32, u32)>),
+}
+
+impl Renames {
+    fn new(mut pairs: Vec<(u32, u32)>) -> Renames {
+        let max = pairs.iter().map(|p| p.0).max().unwrap_or(0) as usize;
+        if max <= pairs.len() * 4 + 4096 {
+            // Names not in the table keep their value (u32::MAX marks "absent").
+            let mut table = vec![u32::MAX; max + 1];
+            for (from, to) in pairs {
+                table[from as usize] = to;
+            }
+            Renames::Dense(table)
+        } else {
+            pairs.sort_unstable();
+            Renames::Sparse(pairs)
+        }
+    }
+
+    fn get(&self, name: u32) -> u32 {
+        match self {
+            Renames::Dense(t) => match t.get(name as usize) {
+                Some(&to) if to != u32::MAX => to,
+                _ => name,
+            },
+            Renames::Sparse(p) => p
+                .binary_search_by_key(&name, |e| e.0)
+                .map_or(name, |i| p[i].1),
+        }
+    }
+}
+
 fn lpm<const N: usize>(prefix_len: u32, addr: [u8; N]) -> LpmKey<N> {
     LpmKey { prefix_len, addr }
 }
@@ -250,19 +286,23 @@ impl SlotImage {
         }
         let mut classes: Vec<(u32, u32)> = Vec::with_capacity(self.net4.len() + self.net6.len());
         let mut next = max_class.max(NET_CLASS_FIRST - 1) + 1;
+        // Both sides sorted by key: one merge pass.
         fn match_classes<K: Ord>(
             new: &mut [(K, u32)],
             old: &[(K, u32)],
             classes: &mut Vec<(u32, u32)>,
             next: &mut u32,
         ) {
+            let mut j = 0;
             for (k, class) in new.iter_mut() {
-                let renamed = match old.binary_search_by(|e| e.0.cmp(k)) {
-                    Ok(i) => old[i].1,
-                    Err(_) => {
-                        *next += 1;
-                        *next - 1
-                    }
+                while j < old.len() && old[j].0 < *k {
+                    j += 1;
+                }
+                let renamed = if j < old.len() && old[j].0 == *k {
+                    old[j].1
+                } else {
+                    *next += 1;
+                    *next - 1
                 };
                 classes.push((*class, renamed));
                 *class = renamed;
@@ -270,33 +310,36 @@ impl SlotImage {
         }
         match_classes(&mut self.net4, &old.net4, &mut classes, &mut next);
         match_classes(&mut self.net6, &old.net6, &mut classes, &mut next);
-        classes.sort_unstable();
-        let rename = |map: &[(u32, u32)], name: u32| {
-            map.binary_search_by_key(&name, |e| e.0)
-                .map_or(name, |i| map[i].1)
-        };
+        let classes = Renames::new(classes);
         for (k, _) in &mut self.decisions {
-            k.net_class = rename(&classes, k.net_class);
+            k.net_class = classes.get(k.net_class);
         }
-        self.decisions.sort_unstable_by_key(|e| e.0);
+        if !self.decisions.is_sorted_by(|a, b| a.0 < b.0) {
+            self.decisions.sort_unstable_by_key(|e| e.0);
+        }
         let mut entries: Vec<(u32, u32)> = Vec::with_capacity(self.decisions.len());
         let mut next = max_entry + 1;
+        let mut j = 0;
         for (k, v) in &mut self.decisions {
-            let renamed = match old.decisions.binary_search_by(|e| e.0.cmp(k)) {
-                Ok(i) => old.decisions[i].1.entry,
-                Err(_) => {
-                    next += 1;
-                    next - 1
-                }
+            while j < old.decisions.len() && old.decisions[j].0 < *k {
+                j += 1;
+            }
+            let renamed = if j < old.decisions.len() && old.decisions[j].0 == *k {
+                old.decisions[j].1.entry
+            } else {
+                next += 1;
+                next - 1
             };
             entries.push((v.entry, renamed));
             v.entry = renamed;
         }
-        entries.sort_unstable();
+        let entries = Renames::new(entries);
         for (k, _) in &mut self.rule_of {
-            k.entry = rename(&entries, k.entry);
+            k.entry = entries.get(k.entry);
         }
-        self.rule_of.sort_unstable_by_key(|e| e.0);
+        if !self.rule_of.is_sorted_by(|a, b| a.0 < b.0) {
+            self.rule_of.sort_unstable_by_key(|e| e.0);
+        }
     }
 
     pub fn of(c: &Compiled) -> SlotImage {
@@ -1355,5 +1398,79 @@ mod tests {
         c.ports[3] = 0;
         c.uids[0].1 = 4;
         assert_ne!(h, policy_hash(&c, 0, (32768, 60999)), "maps");
+    }
+
+    fn image(rules: &[(String, u16)]) -> SlotImage {
+        let mut text = String::from("version = 1\n");
+        for (peer, port) in rules {
+            text.push_str(&format!(
+                "[[rule]]\naction = \"allow\"\npeer = \"{peer}\"\nports = [{port}]\n"
+            ));
+        }
+        let r = crate::policy::SystemResolver {
+            cgroup_root: PathBuf::from("/nonexistent"),
+        };
+        let (p, _) =
+            crate::policy::load_sources(&[(PathBuf::from("t.toml"), text)], &r).expect("valid");
+        SlotImage::of(&crate::policy::compile(&p).expect("compiles"))
+    }
+
+    /// What an image decides, without names: per prefix and port class, the masks and the
+    /// rules behind them.
+    type Meaning = std::collections::BTreeSet<(LpmKey<4>, u32, [u64; 3], Vec<(u32, u32, u32)>)>;
+
+    fn meaning(img: &SlotImage) -> Meaning {
+        let mut out = Meaning::new();
+        for (key, class) in &img.net4 {
+            for (k, v) in img.decisions.iter().filter(|(k, _)| k.net_class == *class) {
+                let rules = img
+                    .rule_of
+                    .iter()
+                    .filter(|(rk, _)| rk.entry == v.entry)
+                    .map(|(rk, rule)| (rk.identity, rk.kind, *rule))
+                    .collect();
+                out.insert((*key, k.port_class, [v.allow, v.deny, v.audit_deny], rules));
+            }
+        }
+        out
+    }
+
+    fn differing<K: PartialEq, V: PartialEq>(a: &[(K, V)], b: &[(K, V)]) -> usize {
+        a.iter().filter(|e| !b.contains(e)).count() + b.iter().filter(|e| !a.contains(e)).count()
+    }
+
+    #[test]
+    fn renaming_keeps_the_meaning_and_makes_one_rule_changes_small() {
+        let rules: Vec<(String, u16)> = (0..200u16)
+            .map(|i| (format!("10.0.{i}.0/24"), 100 + i))
+            .collect();
+        let old = image(&rules);
+        // Rule 100 now names a prefix that sorts first: compiled afresh, every net class and
+        // decision entry shifts.
+        let mut changed = rules.clone();
+        changed[100].0 = "9.0.0.0/24".to_string();
+        let fresh = image(&changed);
+        let mut renamed = fresh.clone();
+        renamed.renumber_like(&old);
+        assert_eq!(meaning(&renamed), meaning(&fresh), "same decisions");
+        assert!(
+            differing(&fresh.decisions, &old.decisions) > 300,
+            "compiled afresh: all shift"
+        );
+        let diff = differing(&renamed.net4, &old.net4)
+            + differing(&renamed.decisions, &old.decisions)
+            + differing(&renamed.rule_of, &old.rule_of)
+            + renamed
+                .ports
+                .iter()
+                .zip(&old.ports)
+                .filter(|(a, b)| a != b)
+                .count();
+        // The old and new prefix, and for tcp and udp each: the decision and its rule-of.
+        assert_eq!(diff, 10, "one rule changed, {diff} entries differ");
+        // Renaming the same policy against its renamed self changes nothing.
+        let mut again = fresh.clone();
+        again.renumber_like(&renamed);
+        assert_eq!(again, renamed);
     }
 }
