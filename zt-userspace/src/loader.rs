@@ -13,6 +13,14 @@
 //!
 //! **Generations.** A policy is written completely into the idle slot (diffed against what
 //! that slot holds, so small changes make few writes), then `ACTIVE` is flipped in one write.
+//!
+//! **Cheap reloads.** Writes and removals go in batches (`BPF_MAP_UPDATE_BATCH` /
+//! `DELETE_BATCH`, thousands of entries per syscall). Net classes and decision entries are
+//! renamed to the names the slot already uses for the same prefixes and keys (port classes
+//! are named by where their interval starts), so a one-rule change is a diff of a handful of
+//! entries. Once no program can still be reading the old slot, [`Loader::sync_idle`] brings it
+//! up to the active policy and zeroes its hit counters: the next apply writes only its own
+//! diff, and rarely has counters to zero.
 
 use std::{
     os::fd::{AsFd, BorrowedFd},
