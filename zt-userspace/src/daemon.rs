@@ -63,15 +63,15 @@ macro_rules! warn {
 use crate::{
     btf,
     control::{
-        Decisions, EventStats, HookDecisions, PendingApply, ReloadResult, Request, Response,
-        RuleCounter, Status, TopFlow,
+        Decisions, EventStats, HookDecisions, PendingApply, ReloadResult, ReloadTimings, Request,
+        Response, RuleCounter, Status, TopFlow,
     },
     enrich::Enricher,
     events,
     flows::{self, FlowStore},
     history::{log_line, now_ns, EventFilter, EventRecord, FollowItem, History, LogFormat},
     identity_watch::{self, Targets},
-    loader::{self, HookStart, Layout, Loader, LoaderError},
+    loader::{self, ApplyStats, HookStart, Layout, Loader, LoaderError},
     metrics::{self, MetricsSnapshot},
     notice::{self, Notice},
     policy::{self, Compiled, Diagnostic, LiveResolver, SystemResolver},
@@ -166,16 +166,51 @@ pub fn compile_policy(
     paths: &[PathBuf],
     cgroup_root: &Path,
 ) -> Result<(Compiled, Vec<Diagnostic>), DaemonError> {
+    compile_policy_timed(paths, cgroup_root).map(|(c, w, _)| (c, w))
+}
+
+/// [`compile_policy`], also timing it: `parse_us` and `compile_us` filled in (the parsed
+/// policy is dropped before this returns).
+pub fn compile_policy_timed(
+    paths: &[PathBuf],
+    cgroup_root: &Path,
+) -> Result<(Compiled, Vec<Diagnostic>, ReloadTimings), DaemonError> {
     let resolver = SystemResolver {
         cgroup_root: cgroup_root.to_path_buf(),
     };
+    let started = Instant::now();
     let (policy, warnings) = policy::load(paths, &resolver).map_err(DaemonError::Policy)?;
+    let parsed = Instant::now();
     let compiled = policy::compile(&policy)?;
-    Ok((compiled, warnings))
+    let timings = ReloadTimings {
+        parse_us: micros(parsed - started),
+        compile_us: micros(parsed.elapsed()),
+        ..ReloadTimings::default()
+    };
+    Ok((compiled, warnings, timings))
 }
 
-/// A compiled policy, its warnings and the text it was compiled from.
-type Compiled3 = (Compiled, Vec<Diagnostic>, Vec<(PathBuf, String)>);
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
+/// `timings` (parse and compile) completed by an apply that took `apply` and wrote `stats`.
+fn with_apply(mut timings: ReloadTimings, apply: Duration, stats: ApplyStats) -> ReloadTimings {
+    timings.apply_us = micros(apply);
+    timings.total_us = timings.parse_us + timings.compile_us + timings.apply_us;
+    timings.map_updates = stats.updates;
+    timings.map_deletes = stats.deletes;
+    timings
+}
+
+/// A compiled policy, its warnings, the text it was compiled from, and how long reading
+/// and compiling took.
+type Compiled3 = (
+    Compiled,
+    Vec<Diagnostic>,
+    Vec<(PathBuf, String)>,
+    ReloadTimings,
+);
 
 /// Read, validate, resolve and compile the policy at `paths` (see [`compile_sources`]).
 fn compile_paths(
@@ -191,10 +226,17 @@ fn compile_paths(
         units_root: units_root.to_path_buf(),
         lenient,
     };
+    let started = Instant::now();
     let (policy, warnings, sources) =
         policy::load_keeping_sources(paths, &resolver).map_err(DaemonError::Policy)?;
+    let parsed = Instant::now();
     let compiled = policy::compile(&policy)?;
-    Ok((compiled, warnings, sources))
+    let timings = ReloadTimings {
+        parse_us: micros(parsed - started),
+        compile_us: micros(parsed.elapsed()),
+        ..ReloadTimings::default()
+    };
+    Ok((compiled, warnings, sources, timings))
 }
 
 /// Validate, resolve (units below `units_root`; `lenient`: a missing `exe` disables its
@@ -281,6 +323,12 @@ impl State {
     /// hash) keeps the generation.
     fn reload(&mut self) -> Response {
         let _reloading = crate::notify::Reloading::begin();
+        let response = self.reload_policy();
+        sys::trim_heap();
+        response
+    }
+
+    fn reload_policy(&mut self) -> Response {
         if let Some(p) = &self.pending {
             let message = format!(
                 "an apply of {} (generation {}) is pending: `ztctl confirm` it or wait for its rollback, then reload",
@@ -290,42 +338,48 @@ impl State {
             return self.refused(message, Vec::new());
         }
         match self.compile(&self.opts.policy.clone(), false) {
-            Ok((compiled, warnings, sources)) => {
+            Ok((compiled, warnings, sources, timings)) => {
                 for w in &warnings {
                     warn!("{w}");
                 }
                 self.sources = sources;
                 let changes = notice::changes(&self.compiled.identities, &compiled.identities);
+                let started = Instant::now();
                 match self.loader.apply_or_keep(&compiled, self.flags()) {
                     Ok((generation, true)) => {
+                        let timings = with_apply(timings, started.elapsed(), ApplyStats::default());
                         self.raise(changes, generation);
                         let message = format!(
                             "generation {generation}: unchanged ({} rules, {} identities); nothing written",
                             compiled.rules.len(),
                             compiled.identities.len()
                         );
-                        say!("ztd: reloaded policy, {message}");
+                        say!("ztd: reloaded policy, {message}; {}", timings.summary());
                         self.compiled = compiled;
                         self.last_reload = ReloadResult {
                             ok: true,
                             at: now_secs(),
                             message: message.clone(),
+                            timings: Some(timings),
                         };
                         Response::Ok { message }
                     }
                     Ok((generation, false)) => {
+                        let timings =
+                            with_apply(timings, started.elapsed(), self.loader.last_apply());
                         self.raise(changes, generation);
                         let message = format!(
                             "generation {generation}: {} rules, {} identities",
                             compiled.rules.len(),
                             compiled.identities.len()
                         );
-                        say!("ztd: reloaded policy, {message}");
+                        say!("ztd: reloaded policy, {message}; {}", timings.summary());
                         self.compiled = compiled;
                         self.last_reload = ReloadResult {
                             ok: true,
                             at: now_secs(),
                             message: message.clone(),
+                            timings: Some(timings),
                         };
                         Response::Ok { message }
                     }
@@ -418,6 +472,12 @@ impl State {
     /// `ztctl apply PATH --confirm-within D`: apply PATH as the next generation now; roll
     /// back unless confirmed in time. An invalid PATH changes nothing.
     fn apply_pending(&mut self, path: PathBuf, within: Duration) -> Response {
+        let response = self.apply_pending_policy(path, within);
+        sys::trim_heap();
+        response
+    }
+
+    fn apply_pending_policy(&mut self, path: PathBuf, within: Duration) -> Response {
         if let Some(p) = &self.pending {
             return Response::Error {
                 message: format!(
@@ -428,12 +488,12 @@ impl State {
                 diagnostics: Vec::new(),
             };
         }
-        let (compiled, sources) = match self.compile(std::slice::from_ref(&path), false) {
-            Ok((compiled, warnings, sources)) => {
+        let (compiled, sources, timings) = match self.compile(std::slice::from_ref(&path), false) {
+            Ok((compiled, warnings, sources, timings)) => {
                 for w in &warnings {
                     warn!("{w}");
                 }
-                (compiled, sources)
+                (compiled, sources, timings)
             }
             Err(DaemonError::Policy(diags)) => {
                 return Response::Error {
@@ -448,8 +508,10 @@ impl State {
                 }
             }
         };
+        let started = Instant::now();
         match self.loader.apply(&compiled, self.flags()) {
             Ok(generation) => {
+                let timings = with_apply(timings, started.elapsed(), self.loader.last_apply());
                 let message = format!(
                     "generation {generation}: {} applied ({} rules, {} identities); rolled back in {} unless `ztctl confirm`",
                     path.display(),
@@ -474,6 +536,7 @@ impl State {
                     ok: true,
                     at: now_secs(),
                     message: message.clone(),
+                    timings: Some(timings),
                 };
                 Response::Ok { message }
             }
@@ -516,8 +579,14 @@ impl State {
         let Some(p) = self.pending.take() else {
             return;
         };
+        let started = Instant::now();
         match self.loader.apply(&p.previous, self.flags()) {
             Ok(generation) => {
+                let timings = with_apply(
+                    ReloadTimings::default(),
+                    started.elapsed(),
+                    self.loader.last_apply(),
+                );
                 let message = format!(
                     "apply of {} (generation {}) not confirmed in time: rolled back to the previous policy as generation {generation}",
                     p.path.display(),
@@ -526,10 +595,12 @@ impl State {
                 warn!("ztd: {message}");
                 self.compiled = p.previous;
                 self.sources = p.previous_sources;
+                sys::trim_heap();
                 self.last_reload = ReloadResult {
                     ok: true,
                     at: now_secs(),
                     message,
+                    timings: Some(timings),
                 };
             }
             Err(e) => {
@@ -634,6 +705,7 @@ impl State {
             ok: false,
             at: now_secs(),
             message: message.clone(),
+            timings: None,
         };
         Response::Error {
             message,
@@ -758,8 +830,14 @@ impl State {
     }
 
     /// Where a rule is, for event records: `path:line:column`, or `default`.
+    /// Rule `id` (`rules[i].id == i + 1`: no search, events look rules up at a high rate).
+    fn rule(&self, id: u32) -> Option<&policy::RuleInfo> {
+        let i = usize::try_from(id).ok()?.checked_sub(1)?;
+        self.compiled.rules.get(i).filter(|r| r.id == id)
+    }
+
     fn rule_location(&self, id: u32) -> String {
-        match self.compiled.rules.iter().find(|r| r.id == id) {
+        match self.rule(id) {
             Some(r) if id != RULE_DEFAULT => {
                 format!("{}:{}:{}", r.path.display(), r.line, r.column)
             }
@@ -771,7 +849,7 @@ impl State {
         if id == RULE_DEFAULT {
             return "default".to_string();
         }
-        match self.compiled.rules.iter().find(|r| r.id == id) {
+        match self.rule(id) {
             Some(r) => format!("#{id}({}:{})", r.path.display(), r.line),
             None => format!("#{id}"),
         }
@@ -832,10 +910,11 @@ fn bind_socket(path: &Path) -> Result<UnixListener, DaemonError> {
 /// Run the daemon until a signal or `unload`.
 pub async fn run(opts: Options) -> Result<(), DaemonError> {
     let _ = LOG_FORMAT.set(opts.log_format);
+    sys::limit_arenas(2);
     let cgroup_root = check_cgroup(&opts.cgroup)?;
     let units_root = check_units_root(&cgroup_root, opts.units_root.as_deref())?;
     // Everything that can fail on bad input happens before the kernel is touched.
-    let (compiled, warnings, sources) =
+    let (compiled, warnings, sources, timings) =
         compile_paths(&cgroup_root, &units_root, &opts.policy, false)?;
     for w in &warnings {
         warn!("{w}");
@@ -866,6 +945,7 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
             ok: true,
             at: now_secs(),
             message: String::new(),
+            timings: None,
         },
         cgroup_root,
         loader,
@@ -879,7 +959,15 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
     };
     let flags = state.flags();
     // The same policy as the active slot holds (a restart): keep its generation.
+    let started = Instant::now();
     let (generation, kept) = state.loader.apply_or_keep(&state.compiled, flags)?;
+    let stats = if kept {
+        ApplyStats::default()
+    } else {
+        state.loader.last_apply()
+    };
+    state.last_reload.timings = Some(with_apply(timings, started.elapsed(), stats));
+    sys::trim_heap();
     let started = state.loader.attach_or_adopt()?;
     let adopted = started
         .iter()
@@ -1021,6 +1109,9 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
                     s.rollback_if_due();
                     if s.reresolve_due && s.pending.is_none() {
                         s.reresolve();
+                    }
+                    if let Err(e) = s.loader.sync_idle() {
+                        warn!("ztd: bringing the idle policy slot up to date failed: {e}; the next reload writes the whole policy");
                     }
                     if !opts.check_interval.is_zero() && last_check.elapsed() >= opts.check_interval {
                         last_check = Instant::now();
@@ -1296,6 +1387,9 @@ fn snapshot(state: &Arc<Mutex<State>>, history: &Arc<Mutex<History>>) -> Metrics
 
 /// Read decision events from the ring buffer: enrich, print, keep in the history. A record
 /// that cannot be parsed is counted as lost in the daemon, never dropped silently.
+/// Events read from the ring buffer per batch.
+const EVENT_BATCH: usize = 256;
+
 async fn read_events(
     ring: RingBuf<aya::maps::MapData>,
     state: Arc<Mutex<State>>,
@@ -1305,6 +1399,10 @@ async fn read_events(
 ) {
     let offset = events::monotonic_to_realtime_offset();
     let mut exe_cache = HashMap::new();
+    let mut batch: Vec<DecisionEvent> = Vec::with_capacity(EVENT_BATCH);
+    let mut labels: Vec<(String, String, Option<String>)> = Vec::with_capacity(EVENT_BATCH);
+    let mut records: Vec<EventRecord> = Vec::with_capacity(EVENT_BATCH);
+    let mut text = String::new();
     // SAFETY: the ring buffer owns its fd for as long as the AsyncFd owns the ring buffer.
     let mut fd = match unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) } {
         Ok(fd) => fd,
@@ -1322,71 +1420,107 @@ async fn read_events(
             }
         };
         let ring: &mut RingBuf<MapData> = guard.get_inner_mut();
-        while let Some(item) = ring.next() {
-            let Some(ev) = DecisionEvent::from_bytes(&item) else {
-                if let Ok(mut h) = history.lock() {
-                    h.count_lost(1);
+        // In batches: one lock of the state and of the history, and one write of the text
+        // lines, per batch rather than per event.
+        loop {
+            batch.clear();
+            let mut malformed = 0u64;
+            while batch.len() < EVENT_BATCH {
+                let Some(item) = ring.next() else { break };
+                match DecisionEvent::from_bytes(&item) {
+                    Some(ev) => batch.push(ev),
+                    None => malformed += 1,
                 }
-                continue;
-            };
-            let (label, location, pinned_exe) = match state.lock() {
-                Ok(s) => (
-                    s.rule_label(ev.rule),
-                    s.rule_location(ev.rule),
-                    s.compiled
-                        .exe_paths
-                        .iter()
-                        .find(|(key, _)| *key == ev.exe)
-                        .map(|(_, path)| path.display().to_string()),
-                ),
-                Err(_) => (format!("#{}", ev.rule), "default".to_string(), None),
-            };
-            let mut record = EventRecord::from_event(&ev, offset, location);
-            record.enrich(&mut enricher);
-            if record.exe.is_none() {
-                // The process is gone; the policy may still name its executable.
-                record.exe = pinned_exe;
             }
-            match log_format() {
-                LogFormat::Text => {
-                    let exe = match &record.exe {
-                        Some(path) => path.clone(),
-                        None => events::exe_path(ev.tgid, &mut exe_cache),
-                    };
-                    say!("{}", events::format_line(&ev, offset, &exe, &label));
-                }
-                LogFormat::Json => {
-                    let fields: Vec<(String, serde_json::Value)> =
-                        match serde_json::to_value(&record) {
-                            Ok(serde_json::Value::Object(map)) => map.into_iter().collect(),
-                            _ => Vec::new(),
-                        };
-                    let fields: Vec<(&str, serde_json::Value)> = fields
+            if batch.is_empty() && malformed == 0 {
+                break;
+            }
+            labels.clear();
+            match state.lock() {
+                Ok(s) => labels.extend(batch.iter().map(|ev| {
+                    (
+                        s.rule_label(ev.rule),
+                        s.rule_location(ev.rule),
+                        s.compiled
+                            .exe_paths
+                            .iter()
+                            .find(|(key, _)| *key == ev.exe)
+                            .map(|(_, path)| path.display().to_string()),
+                    )
+                })),
+                Err(_) => labels.extend(
+                    batch
                         .iter()
-                        .map(|(k, v)| (k.as_str(), v.clone()))
-                        .collect();
-                    emit_line(false, "info", "decision", &fields);
+                        .map(|ev| (format!("#{}", ev.rule), "default".to_string(), None)),
+                ),
+            }
+            records.clear();
+            text.clear();
+            for (ev, (label, location, pinned_exe)) in batch.iter().zip(labels.drain(..)) {
+                let mut record = EventRecord::from_event(ev, offset, location);
+                record.enrich(&mut enricher);
+                if record.exe.is_none() {
+                    // The process is gone; the policy may still name its executable.
+                    record.exe = pinned_exe;
                 }
+                match log_format() {
+                    LogFormat::Text => {
+                        let exe = match &record.exe {
+                            Some(path) => path.clone(),
+                            None => events::exe_path(ev.tgid, &mut exe_cache),
+                        };
+                        text.push_str(&events::format_line(ev, offset, &exe, &label));
+                        text.push('\n');
+                    }
+                    LogFormat::Json => {
+                        let fields: Vec<(String, serde_json::Value)> =
+                            match serde_json::to_value(&record) {
+                                Ok(serde_json::Value::Object(map)) => map.into_iter().collect(),
+                                _ => Vec::new(),
+                            };
+                        let fields: Vec<(&str, serde_json::Value)> = fields
+                            .iter()
+                            .map(|(k, v)| (k.as_str(), v.clone()))
+                            .collect();
+                        text.push_str(&log_line(LogFormat::Json, "info", "decision", &fields));
+                        text.push('\n');
+                    }
+                }
+                records.push(record);
+            }
+            if !text.is_empty() {
+                use std::io::Write as _;
+                // A closed stdout must never stop the daemon.
+                let _ = std::io::stdout().lock().write_all(text.as_bytes());
             }
             if let Some(Ok(mut f)) = flows.as_ref().map(|f| f.lock()) {
-                if let Err(e) = f.record(&record) {
-                    warn!("ztd: {e}");
+                for record in &records {
+                    if let Err(e) = f.record(record) {
+                        warn!("ztd: {e}");
+                    }
                 }
             }
             if crate::events_file::enabled() {
-                if let Ok(serde_json::Value::Object(map)) = serde_json::to_value(&record) {
-                    let fields: Vec<(&str, serde_json::Value)> =
-                        map.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
-                    crate::events_file::write(&log_line(
-                        LogFormat::Json,
-                        "info",
-                        "decision",
-                        &fields,
-                    ));
+                for record in &records {
+                    if let Ok(serde_json::Value::Object(map)) = serde_json::to_value(record) {
+                        let fields: Vec<(&str, serde_json::Value)> =
+                            map.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
+                        crate::events_file::write(&log_line(
+                            LogFormat::Json,
+                            "info",
+                            "decision",
+                            &fields,
+                        ));
+                    }
                 }
             }
             if let Ok(mut h) = history.lock() {
-                h.push(record);
+                if malformed > 0 {
+                    h.count_lost(malformed);
+                }
+                for record in records.drain(..) {
+                    h.push(record);
+                }
             }
         }
         guard.clear_ready();

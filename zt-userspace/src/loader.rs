@@ -13,16 +13,24 @@
 //!
 //! **Generations.** A policy is written completely into the idle slot (diffed against what
 //! that slot holds, so small changes make few writes), then `ACTIVE` is flipped in one write.
+//!
+//! **Cheap reloads.** Writes and removals go in batches (`BPF_MAP_UPDATE_BATCH` /
+//! `DELETE_BATCH`, thousands of entries per syscall). Net classes and decision entries are
+//! renamed to the names the slot already uses for the same prefixes and keys (port classes
+//! are named by where their interval starts), so a one-rule change is a diff of a handful of
+//! entries. Once no program can still be reading the old slot, [`Loader::sync_idle`] brings it
+//! up to the active policy and zeroes its hit counters: the next apply writes only its own
+//! diff, and rarely has counters to zero.
 
 use std::{
-    collections::HashMap as StdHashMap,
-    hash::Hash,
-    os::fd::AsFd,
+    os::fd::{AsFd, BorrowedFd},
     path::{Path, PathBuf},
+    sync::Arc,
+    time::{Duration, Instant},
 };
 
 use aya::{
-    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray},
+    maps::{Array, Map, MapData, MapError, PerCpuArray},
     programs::{
         links::{FdLink, PinnedLink},
         CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr, Program,
@@ -31,8 +39,9 @@ use aya::{
     Ebpf, EbpfLoader, Pod,
 };
 use zt_common::{
-    ActiveSlot, Hook, KernelOffsets, SlotConfig, Stat, Verdict, HOOK_CODES, MAX_RULES,
-    PORTS_PER_PROTO, PORT_PROTOS, STAT_COUNT, VERDICT_CODES,
+    ActiveSlot, DecisionKey, DecisionValue, ExeKey, Hook, KernelOffsets, RuleOfKey, SlotConfig,
+    Stat, Verdict, HOOK_CODES, MAX_RULES, NET_CLASS_FIRST, PORTS_PER_PROTO, PORT_PROTOS,
+    STAT_COUNT, VERDICT_CODES,
 };
 
 use crate::{policy::Compiled, sys};
@@ -59,6 +68,12 @@ pub enum LoaderError {
     #[error("pinned link {path}: {source}")]
     Link {
         path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("writing map {map} failed after {done} entries: {source}")]
+    Batch {
+        map: String,
+        done: usize,
         source: std::io::Error,
     },
     #[error("pinned zt state in {bpffs} guards a different cgroup than {cgroup}: run `ztctl unload --bpffs {bpffs}` first, or use another --bpffs directory")]
@@ -138,8 +153,216 @@ pub struct Loader {
     /// The maps the object pins under `maps/` (checked and re-pinned by [`Loader::repair`]).
     pinned_maps: Vec<String>,
     /// What this process last wrote into each slot: the next write into that slot is a diff
-    /// against it, with no reads from the kernel. (Unknown after a start: read once.)
-    written: [Option<Box<Compiled>>; 2],
+    /// against it, with no reads from the kernel. (Unknown after a start: read once.) Both
+    /// slots share one image once [`Loader::sync_idle`] made them equal.
+    written: [Option<Arc<SlotImage>>; 2],
+    /// When `ACTIVE` last flipped, until [`Loader::sync_idle`] caught the idle slot up.
+    flipped: Option<Instant>,
+    last_apply: ApplyStats,
+    /// Per slot, the highest rule whose hit counter may be non-zero (`None`: all zero).
+    hits_dirty: [Option<u32>; 2],
+}
+
+/// How long after a flip the old slot is left alone before [`Loader::sync_idle`] rewrites
+/// it: far longer than any program runs, so no decision that read the old `ACTIVE` value
+/// still looks at that slot.
+const IDLE_SYNC_DELAY: Duration = Duration::from_millis(200);
+
+/// Map entries one apply wrote and removed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ApplyStats {
+    pub updates: u64,
+    pub deletes: u64,
+}
+
+/// An LPM trie key as the kernel lays it out: prefix length, then the address bytes.
+/// Ordered by (address, prefix length), the order the compiler emits them in.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct LpmKey<const N: usize> {
+    pub prefix_len: u32,
+    pub addr: [u8; N],
+}
+
+impl<const N: usize> Ord for LpmKey<N> {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (self.addr, self.prefix_len).cmp(&(other.addr, other.prefix_len))
+    }
+}
+
+impl<const N: usize> PartialOrd for LpmKey<N> {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl<const N: usize> Default for LpmKey<N> {
+    fn default() -> Self {
+        LpmKey {
+            prefix_len: 0,
+            addr: [0; N],
+        }
+    }
+}
+
+// SAFETY: repr(C) u32 followed by bytes: no padding for N = 4 and N = 16 (the sizes used).
+unsafe impl<const N: usize> Pod for LpmKey<N> {}
+
+/// One slot's map contents, each map's entries sorted by key: what the loader diffs against.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SlotImage {
+    exes: Vec<(ExeKey, u64)>,
+    uids: Vec<(u32, u64)>,
+    gids: Vec<(u32, u64)>,
+    cgroups: Vec<(u64, u64)>,
+    net4: Vec<(LpmKey<4>, u32)>,
+    net6: Vec<(LpmKey<16>, u32)>,
+    ports: Vec<u32>,
+    decisions: Vec<(DecisionKey, DecisionValue)>,
+    rule_of: Vec<(RuleOfKey, u32)>,
+}
+
+/// Old name → new name: a table indexed by the old name when names are dense (as compiled),
+/// else a sorted list.
+enum Renames {
+    Dense(Vec<u32>),
+    Sparse(Vec<(u32, u32)>),
+}
+
+impl Renames {
+    fn new(mut pairs: Vec<(u32, u32)>) -> Renames {
+        let max = pairs.iter().map(|p| p.0).max().unwrap_or(0) as usize;
+        if max <= pairs.len() * 4 + 4096 {
+            // Names not in the table keep their value (u32::MAX marks "absent").
+            let mut table = vec![u32::MAX; max + 1];
+            for (from, to) in pairs {
+                table[from as usize] = to;
+            }
+            Renames::Dense(table)
+        } else {
+            pairs.sort_unstable();
+            Renames::Sparse(pairs)
+        }
+    }
+
+    fn get(&self, name: u32) -> u32 {
+        match self {
+            Renames::Dense(t) => match t.get(name as usize) {
+                Some(&to) if to != u32::MAX => to,
+                _ => name,
+            },
+            Renames::Sparse(p) => p
+                .binary_search_by_key(&name, |e| e.0)
+                .map_or(name, |i| p[i].1),
+        }
+    }
+}
+
+fn lpm<const N: usize>(prefix_len: u32, addr: [u8; N]) -> LpmKey<N> {
+    LpmKey { prefix_len, addr }
+}
+
+fn sorted<K: Ord + Copy, V: Copy>(mut v: Vec<(K, V)>) -> Vec<(K, V)> {
+    if !v.is_sorted_by(|a, b| a.0 < b.0) {
+        v.sort_by_key(|e| e.0);
+        // Later entries win, as they would in the kernel written in order.
+        v.reverse();
+        v.dedup_by(|a, b| a.0 == b.0);
+        v.reverse();
+    }
+    v
+}
+
+impl SlotImage {
+    /// Rename net classes and decision entries to the names `old` gives the same prefixes
+    /// and decision keys (new ones get names `old` does not use). Compiling numbers them in
+    /// order, so one added prefix would otherwise rename every later one and its decisions:
+    /// renamed, a one-rule change rewrites a handful of entries instead of the whole slot.
+    /// The kernel reads the names only as keys; what they mean is unchanged.
+    fn renumber_like(&mut self, old: &SlotImage) {
+        let max_class = old
+            .net4
+            .iter()
+            .map(|e| e.1)
+            .chain(old.net6.iter().map(|e| e.1))
+            .max()
+            .unwrap_or(0);
+        let max_entry = old.decisions.iter().map(|e| e.1.entry).max().unwrap_or(0);
+        // Names only grow: start afresh (keep compile's) once they get large.
+        if max_class >= u32::MAX / 4 || max_entry >= u32::MAX / 4 {
+            return;
+        }
+        let mut classes: Vec<(u32, u32)> = Vec::with_capacity(self.net4.len() + self.net6.len());
+        let mut next = max_class.max(NET_CLASS_FIRST - 1) + 1;
+        // Both sides sorted by key: one merge pass.
+        fn match_classes<K: Ord>(
+            new: &mut [(K, u32)],
+            old: &[(K, u32)],
+            classes: &mut Vec<(u32, u32)>,
+            next: &mut u32,
+        ) {
+            let mut j = 0;
+            for (k, class) in new.iter_mut() {
+                while j < old.len() && old[j].0 < *k {
+                    j += 1;
+                }
+                let renamed = if j < old.len() && old[j].0 == *k {
+                    old[j].1
+                } else {
+                    *next += 1;
+                    *next - 1
+                };
+                classes.push((*class, renamed));
+                *class = renamed;
+            }
+        }
+        match_classes(&mut self.net4, &old.net4, &mut classes, &mut next);
+        match_classes(&mut self.net6, &old.net6, &mut classes, &mut next);
+        let classes = Renames::new(classes);
+        for (k, _) in &mut self.decisions {
+            k.net_class = classes.get(k.net_class);
+        }
+        if !self.decisions.is_sorted_by(|a, b| a.0 < b.0) {
+            self.decisions.sort_unstable_by_key(|e| e.0);
+        }
+        let mut entries: Vec<(u32, u32)> = Vec::with_capacity(self.decisions.len());
+        let mut next = max_entry + 1;
+        let mut j = 0;
+        for (k, v) in &mut self.decisions {
+            while j < old.decisions.len() && old.decisions[j].0 < *k {
+                j += 1;
+            }
+            let renamed = if j < old.decisions.len() && old.decisions[j].0 == *k {
+                old.decisions[j].1.entry
+            } else {
+                next += 1;
+                next - 1
+            };
+            entries.push((v.entry, renamed));
+            v.entry = renamed;
+        }
+        let entries = Renames::new(entries);
+        for (k, _) in &mut self.rule_of {
+            k.entry = entries.get(k.entry);
+        }
+        if !self.rule_of.is_sorted_by(|a, b| a.0 < b.0) {
+            self.rule_of.sort_unstable_by_key(|e| e.0);
+        }
+    }
+
+    pub fn of(c: &Compiled) -> SlotImage {
+        SlotImage {
+            exes: sorted(c.exes.clone()),
+            uids: sorted(c.uids.clone()),
+            gids: sorted(c.gids.clone()),
+            cgroups: sorted(c.cgroups.clone()),
+            net4: sorted(c.net4.iter().map(|(l, a, v)| (lpm(*l, *a), *v)).collect()),
+            net6: sorted(c.net6.iter().map(|(l, a, v)| (lpm(*l, *a), *v)).collect()),
+            ports: c.ports.clone(),
+            decisions: sorted(c.decisions.clone()),
+            rule_of: sorted(c.rule_of.clone()),
+        }
+    }
 }
 
 /// Something wrong with the pinned state in the kernel, found by [`Loader::problems`].
@@ -221,6 +444,9 @@ impl Loader {
             cgroup: cgroup.to_path_buf(),
             pinned_maps,
             written: [None, None],
+            flipped: None,
+            last_apply: ApplyStats::default(),
+            hits_dirty: [Some(MAX_RULES - 1); 2],
         })
     }
 
@@ -287,16 +513,31 @@ impl Loader {
         flags: u32,
     ) -> Result<(u64, bool), LoaderError> {
         let (_, active) = self.active()?;
-        let hash = policy_hash(compiled, flags, crate::xdp::ephemeral_range());
+        let ephemeral = crate::xdp::ephemeral_range();
+        let hash = policy_hash(compiled, flags, ephemeral);
         if active.generation != 0 && active.policy_hash == hash {
             return Ok((active.generation, true));
         }
-        self.apply(compiled, flags).map(|g| (g, false))
+        self.apply_hashed(compiled, flags, ephemeral, hash)
+            .map(|g| (g, false))
     }
 
     /// Write `compiled` into the idle slot as the next generation and flip to it.
-    /// Returns the new generation.
+    /// Returns the new generation; [`Loader::last_apply`] tells what it wrote.
     pub fn apply(&mut self, compiled: &Compiled, flags: u32) -> Result<u64, LoaderError> {
+        let ephemeral = crate::xdp::ephemeral_range();
+        let hash = policy_hash(compiled, flags, ephemeral);
+        self.apply_hashed(compiled, flags, ephemeral, hash)
+    }
+
+    /// [`Loader::apply`] with the ephemeral port range and [`policy_hash`] already known.
+    fn apply_hashed(
+        &mut self,
+        compiled: &Compiled,
+        flags: u32,
+        (ephemeral_low, ephemeral_high): (u16, u16),
+        policy_hash: u64,
+    ) -> Result<u64, LoaderError> {
         let (active_slot, active_cfg) = self.active()?;
         // Before anything was written, slot 0 is "active" with generation 0: write slot 0.
         let slot = if active_cfg.generation == 0 {
@@ -305,99 +546,201 @@ impl Loader {
             1 - active_slot
         };
         let generation = active_cfg.generation + 1;
+        let mut stats = ApplyStats::default();
 
-        // Forget what the slot held before writing: a failed write leaves it unknown (read
-        // again next time), never wrongly known.
-        let known = self.written[slot as usize & 1].take();
-        let known = known.as_deref();
-        let ebpf = &mut self.ebpf;
-        sync_hash(
-            ebpf,
-            &format!("EXE_{slot}"),
-            &compiled.exes,
-            known.map(|k| &k.exes[..]),
-        )?;
-        sync_hash(
-            ebpf,
-            &format!("UID_{slot}"),
-            &compiled.uids,
-            known.map(|k| &k.uids[..]),
-        )?;
-        sync_hash(
-            ebpf,
-            &format!("GID_{slot}"),
-            &compiled.gids,
-            known.map(|k| &k.gids[..]),
-        )?;
-        sync_hash(
-            ebpf,
-            &format!("CGROUP_{slot}"),
-            &compiled.cgroups,
-            known.map(|k| &k.cgroups[..]),
-        )?;
-        sync_lpm::<4>(
-            ebpf,
-            &format!("NET4_{slot}"),
-            &compiled.net4,
-            known.map(|k| &k.net4[..]),
-        )?;
-        sync_lpm::<16>(
-            ebpf,
-            &format!("NET6_{slot}"),
-            &compiled.net6,
-            known.map(|k| &k.net6[..]),
-        )?;
-        sync_ports(
-            ebpf,
-            &format!("PORTS_{slot}"),
-            &compiled.ports,
-            known.map(|k| &k.ports[..]),
-        )?;
-        sync_hash(
-            ebpf,
-            &format!("DECISION_{slot}"),
-            &compiled.decisions,
-            known.map(|k| &k.decisions[..]),
-        )?;
-        sync_hash(
-            ebpf,
-            &format!("RULE_OF_{slot}"),
-            &compiled.rule_of,
-            known.map(|k| &k.rule_of[..]),
-        )?;
+        let image = Arc::new(SlotImage::of(compiled));
+        self.write_slot(slot, &image, &mut stats)?;
 
         // The XDP front door passes TCP/UDP to these ports (replies to our own egress).
-        let (ephemeral_low, ephemeral_high) = crate::xdp::ephemeral_range();
         let cfg = SlotConfig {
             generation,
             flags,
             ephemeral_low,
             ephemeral_high,
-            policy_hash: policy_hash(compiled, flags, (ephemeral_low, ephemeral_high)),
+            policy_hash,
             ..compiled.config
         };
         let mut configs: Array<&mut MapData, SlotConfig> = map_mut(&mut self.ebpf, "SLOT_CONFIG")?;
         configs.set(slot, cfg, 0).map_err(map_err("SLOT_CONFIG"))?;
+        stats.updates += 1;
         // Zero this slot's rule counters: rule ids mean something new in this generation.
-        let mut hits: PerCpuArray<&mut MapData, u64> = map_mut(&mut self.ebpf, "RULE_HITS")?;
-        for rule in 0..=cfg.rules.min(MAX_RULES - 1) {
-            let zeros =
-                aya::maps::PerCpuValues::try_from(vec![0u64; nr_cpus()]).map_err(|source| {
-                    LoaderError::Io {
-                        path: self.layout.maps_dir().join("RULE_HITS"),
-                        source,
-                    }
-                })?;
-            hits.set(slot * MAX_RULES + rule, zeros, 0)
-                .map_err(map_err("RULE_HITS"))?;
+        // (Usually done already: [`Loader::sync_idle`] zeroes a slot once it is idle.)
+        if let Some(upto) = self.hits_dirty[slot as usize & 1] {
+            self.zero_hits(slot, upto.max(cfg.rules), &mut stats)?;
         }
+        self.hits_dirty[slot as usize & 1] = Some(cfg.rules);
 
         let mut active: Array<&mut MapData, ActiveSlot> = map_mut(&mut self.ebpf, "ACTIVE")?;
         active
             .set(0, ActiveSlot { slot, _pad: 0 }, 0)
             .map_err(map_err("ACTIVE"))?;
-        self.written[slot as usize & 1] = Some(Box::new(compiled.clone()));
+        stats.updates += 1;
+        self.flipped = Some(Instant::now());
+        self.last_apply = stats;
         Ok(generation)
+    }
+
+    /// What the last [`Loader::apply`] wrote and removed.
+    pub fn last_apply(&self) -> ApplyStats {
+        self.last_apply
+    }
+
+    /// Make `slot`'s policy maps hold `image`: a diff against what the slot is known to hold
+    /// (read from the kernel when unknown), written in batches.
+    fn write_slot(
+        &mut self,
+        slot: u32,
+        image: &Arc<SlotImage>,
+        stats: &mut ApplyStats,
+    ) -> Result<(), LoaderError> {
+        // Forget what the slot held before writing: a failed write leaves it unknown (read
+        // again next time), never wrongly known.
+        let known = self.written[slot as usize & 1].take();
+        if let Some(k) = &known {
+            if Arc::ptr_eq(k, image) || **k == **image {
+                self.written[slot as usize & 1] = known;
+                return Ok(());
+            }
+        }
+        let read;
+        let known = match known.as_deref() {
+            Some(k) => k,
+            None => {
+                read = read_slot(&self.ebpf, slot)?;
+                &read
+            }
+        };
+        let renumbered;
+        let image = if known.decisions.is_empty() {
+            image
+        } else {
+            let mut w = (**image).clone();
+            w.renumber_like(known);
+            renumbered = Arc::new(w);
+            &renumbered
+        };
+        let known = Some(known);
+        let ebpf = &self.ebpf;
+        let w = &**image;
+        sync_map(
+            ebpf,
+            &format!("EXE_{slot}"),
+            &w.exes,
+            known.map(|k| &k.exes[..]),
+            stats,
+        )?;
+        sync_map(
+            ebpf,
+            &format!("UID_{slot}"),
+            &w.uids,
+            known.map(|k| &k.uids[..]),
+            stats,
+        )?;
+        sync_map(
+            ebpf,
+            &format!("GID_{slot}"),
+            &w.gids,
+            known.map(|k| &k.gids[..]),
+            stats,
+        )?;
+        sync_map(
+            ebpf,
+            &format!("CGROUP_{slot}"),
+            &w.cgroups,
+            known.map(|k| &k.cgroups[..]),
+            stats,
+        )?;
+        sync_map(
+            ebpf,
+            &format!("NET4_{slot}"),
+            &w.net4,
+            known.map(|k| &k.net4[..]),
+            stats,
+        )?;
+        sync_map(
+            ebpf,
+            &format!("NET6_{slot}"),
+            &w.net6,
+            known.map(|k| &k.net6[..]),
+            stats,
+        )?;
+        sync_ports(
+            ebpf,
+            &format!("PORTS_{slot}"),
+            &w.ports,
+            known.map(|k| &k.ports[..]),
+            stats,
+        )?;
+        sync_map(
+            ebpf,
+            &format!("DECISION_{slot}"),
+            &w.decisions,
+            known.map(|k| &k.decisions[..]),
+            stats,
+        )?;
+        sync_map(
+            ebpf,
+            &format!("RULE_OF_{slot}"),
+            &w.rule_of,
+            known.map(|k| &k.rule_of[..]),
+            stats,
+        )?;
+        self.written[slot as usize & 1] = Some(Arc::clone(image));
+        Ok(())
+    }
+
+    /// Zero the hit counters of `slot`'s rules `0..=rules`: one batch read, then one batch
+    /// write of the counters that moved (per-CPU values: 8 bytes per possible CPU).
+    fn zero_hits(&self, slot: u32, rules: u32, stats: &mut ApplyStats) -> Result<(), LoaderError> {
+        let fd = map_fd(&self.ebpf, "RULE_HITS")?;
+        let count = rules.min(MAX_RULES - 1) as usize + 1;
+        let first = slot * MAX_RULES;
+        let value_size = 8 * nr_cpus();
+        let batch_err = |e: sys::BatchError| LoaderError::Batch {
+            map: "RULE_HITS".to_string(),
+            done: e.done,
+            source: e.error,
+        };
+        let current = sys::array_lookup_range(fd, first, count, value_size).map_err(batch_err)?;
+        let moved: Vec<u32> = current
+            .chunks_exact(value_size)
+            .enumerate()
+            .filter(|(_, v)| v.iter().any(|b| *b != 0))
+            .map(|(i, _)| first + i as u32)
+            .collect();
+        if moved.is_empty() {
+            return Ok(());
+        }
+        let zeros = vec![0u8; moved.len() * value_size];
+        sys::map_update_batch(fd, &moved, &zeros, value_size).map_err(batch_err)?;
+        stats.updates += moved.len() as u64;
+        Ok(())
+    }
+
+    /// Bring the idle slot up to the active policy, once no program can still be reading it
+    /// (well after the flip). The next [`Loader::apply`] then writes just its own diff: a
+    /// one-rule change on top of 100k rules writes a handful of entries, also the first
+    /// time after a start. Returns what it wrote, if it wrote.
+    pub fn sync_idle(&mut self) -> Result<Option<ApplyStats>, LoaderError> {
+        if self.flipped.is_none_or(|t| t.elapsed() < IDLE_SYNC_DELAY) {
+            return Ok(None);
+        }
+        let (active_slot, active_cfg) = self.active()?;
+        let idle = 1 - active_slot;
+        let Some(image) = self.written[active_slot as usize & 1].clone() else {
+            return Ok(None);
+        };
+        if active_cfg.generation == 0 {
+            return Ok(None);
+        }
+        self.flipped = None;
+        let mut stats = ApplyStats::default();
+        self.write_slot(idle, &image, &mut stats)?;
+        if let Some(upto) = self.hits_dirty[idle as usize & 1] {
+            self.zero_hits(idle, upto, &mut stats)?;
+            self.hits_dirty[idle as usize & 1] = None;
+        }
+        Ok(Some(stats))
     }
 
     /// Per-rule hit counters of the active generation (index = rule id, 0 = default).
@@ -596,6 +939,21 @@ impl Fnv {
             self.0 = self.0.wrapping_mul(0x0100_0000_01b3);
         }
     }
+    /// FNV's step over 8-byte little-endian words (the last one zero-padded): the same
+    /// mixing, an eighth of the steps, for the maps' bulk.
+    fn words(&mut self, bytes: &[u8]) {
+        let mut chunks = bytes.chunks_exact(8);
+        for c in &mut chunks {
+            let w = u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]);
+            self.0 = (self.0 ^ w).wrapping_mul(0x0100_0000_01b3);
+        }
+        let rest = chunks.remainder();
+        if !rest.is_empty() {
+            let mut last = [0u8; 8];
+            last[..rest.len()].copy_from_slice(rest);
+            self.0 = (self.0 ^ u64::from_le_bytes(last)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
 }
 
 impl std::fmt::Write for Fnv {
@@ -618,21 +976,32 @@ pub fn policy_hash(compiled: &Compiled, flags: u32, ephemeral: (u16, u16)) -> u6
         ephemeral_high: ephemeral.1,
         ..compiled.config
     };
-    let _ = write!(
-        h,
-        "{cfg:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|",
-        compiled.exes,
-        compiled.uids,
-        compiled.gids,
-        compiled.cgroups,
-        compiled.net4,
-        compiled.net6,
-        compiled.decisions,
-        compiled.rule_of
-    );
-    for p in &compiled.ports {
-        h.bytes(&p.to_le_bytes());
+    let _ = write!(h, "{cfg:?}|");
+    // Each map's entries as bytes, with its length: no formatting of 100k entries.
+    fn map<K: Pod, V: Pod>(h: &mut Fnv, entries: &[(K, V)]) {
+        h.words(&(entries.len() as u64).to_le_bytes());
+        for (k, v) in entries {
+            h.words(pod_bytes(std::slice::from_ref(k)));
+            h.words(pod_bytes(std::slice::from_ref(v)));
+        }
     }
+    map(&mut h, &compiled.exes);
+    map(&mut h, &compiled.uids);
+    map(&mut h, &compiled.gids);
+    map(&mut h, &compiled.cgroups);
+    h.words(&(compiled.net4.len() as u64).to_le_bytes());
+    for (len, addr, class) in &compiled.net4 {
+        h.words(&(u64::from(*len) << 32 | u64::from(*class)).to_le_bytes());
+        h.words(addr);
+    }
+    h.words(&(compiled.net6.len() as u64).to_le_bytes());
+    for (len, addr, class) in &compiled.net6 {
+        h.words(&(u64::from(*len) << 32 | u64::from(*class)).to_le_bytes());
+        h.words(addr);
+    }
+    map(&mut h, &compiled.decisions);
+    map(&mut h, &compiled.rule_of);
+    h.words(pod_bytes(&compiled.ports));
     h.0
 }
 
@@ -800,103 +1169,205 @@ where
     T::try_from(m).map_err(map_err(name))
 }
 
-/// Make the hash map hold exactly `want`: delete stale keys, write changed values.
-/// Make the hash map hold exactly `want`. `known`: what it holds, if this process wrote it
-/// (no reads then); otherwise it is read.
-fn sync_hash<K, V>(
-    ebpf: &mut Ebpf,
+/// What `slot`'s policy maps hold now (batch reads).
+fn read_slot(ebpf: &Ebpf, slot: u32) -> Result<SlotImage, LoaderError> {
+    let ports_name = format!("PORTS_{slot}");
+    let fd = map_fd(ebpf, &ports_name)?;
+    let bytes = sys::array_lookup_range(fd, 0, (PORT_PROTOS * PORTS_PER_PROTO) as usize, 4)
+        .map_err(|e| LoaderError::Batch {
+            map: ports_name,
+            done: e.done,
+            source: e.error,
+        })?;
+    Ok(SlotImage {
+        exes: read_map(ebpf, &format!("EXE_{slot}"))?,
+        uids: read_map(ebpf, &format!("UID_{slot}"))?,
+        gids: read_map(ebpf, &format!("GID_{slot}"))?,
+        cgroups: read_map(ebpf, &format!("CGROUP_{slot}"))?,
+        net4: read_map(ebpf, &format!("NET4_{slot}"))?,
+        net6: read_map(ebpf, &format!("NET6_{slot}"))?,
+        ports: bytes
+            .chunks_exact(4)
+            .map(|b| u32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
+            .collect(),
+        decisions: read_map(ebpf, &format!("DECISION_{slot}"))?,
+        rule_of: read_map(ebpf, &format!("RULE_OF_{slot}"))?,
+    })
+}
+
+/// Every entry of a hash or trie map, sorted by key (one batch walk).
+fn read_map<K, V>(ebpf: &Ebpf, name: &str) -> Result<Vec<(K, V)>, LoaderError>
+where
+    K: Pod + Ord + Default,
+    V: Pod,
+{
+    let fd = map_fd(ebpf, name)?;
+    let vsize = std::mem::size_of::<V>();
+    let (keys, values) = sys::map_lookup_all::<K>(fd, vsize).map_err(|e| LoaderError::Batch {
+        map: name.to_string(),
+        done: e.done,
+        source: e.error,
+    })?;
+    let mut entries: Vec<(K, V)> = keys
+        .into_iter()
+        .zip(values.chunks_exact(vsize))
+        // SAFETY: `V` is `Pod` and the chunk is exactly its size.
+        .map(|(k, v)| {
+            (k, unsafe {
+                std::ptr::read_unaligned(v.as_ptr().cast::<V>())
+            })
+        })
+        .collect();
+    entries.sort_unstable_by_key(|e| e.0);
+    Ok(entries)
+}
+
+/// The fd of one of the object's maps (the kinds the loader writes).
+fn map_fd<'a>(ebpf: &'a Ebpf, name: &str) -> Result<BorrowedFd<'a>, LoaderError> {
+    match ebpf.map(name) {
+        Some(Map::HashMap(m) | Map::LpmTrie(m) | Map::Array(m) | Map::PerCpuArray(m)) => {
+            Ok(m.fd().as_fd())
+        }
+        _ => Err(LoaderError::Map {
+            map: name.to_string(),
+            source: MapError::InvalidName {
+                name: name.to_string(),
+            },
+        }),
+    }
+}
+
+/// The bytes of plain-data values (the zt-common ABI types have no padding).
+fn pod_bytes<T: Pod>(values: &[T]) -> &[u8] {
+    // SAFETY: `Pod` types are `Copy`, have no padding and any bit pattern is valid; the
+    // slice covers exactly the values' memory.
+    unsafe { std::slice::from_raw_parts(values.as_ptr().cast(), std::mem::size_of_val(values)) }
+}
+
+/// Make the map hold exactly `want` (sorted by key): remove stale keys, write new and changed
+/// entries, both in batches. `known`: what it holds (sorted), if this process wrote it;
+/// otherwise it is read (one batch walk).
+fn sync_map<K, V>(
+    ebpf: &Ebpf,
     name: &str,
     want: &[(K, V)],
     known: Option<&[(K, V)]>,
+    stats: &mut ApplyStats,
 ) -> Result<(), LoaderError>
 where
-    K: Pod + Eq + Hash,
+    K: Pod + Ord + Default,
     V: Pod + PartialEq,
 {
-    let mut m: HashMap<&mut MapData, K, V> = map_mut(ebpf, name)?;
-    let mut have: StdHashMap<K, V> = StdHashMap::new();
-    match known {
-        Some(known) => have.extend(known.iter().copied()),
+    let fd = map_fd(ebpf, name)?;
+    let batch_err = |e: sys::BatchError| LoaderError::Batch {
+        map: name.to_string(),
+        done: e.done,
+        source: e.error,
+    };
+    let read;
+    let have: &[(K, V)] = match known {
+        Some(k) => k,
         None => {
-            let keys: Vec<K> = m.keys().collect::<Result<_, _>>().map_err(map_err(name))?;
-            for k in keys {
-                if let Ok(v) = m.get(&k, 0) {
-                    have.insert(k, v);
+            let vsize = std::mem::size_of::<V>();
+            let (keys, values) = sys::map_lookup_all::<K>(fd, vsize).map_err(batch_err)?;
+            let mut entries: Vec<(K, V)> = keys
+                .into_iter()
+                .zip(values.chunks_exact(vsize))
+                // SAFETY: `V` is `Pod` and the chunk is exactly its size.
+                .map(|(k, v)| {
+                    (k, unsafe {
+                        std::ptr::read_unaligned(v.as_ptr().cast::<V>())
+                    })
+                })
+                .collect();
+            entries.sort_unstable_by_key(|e| e.0);
+            read = entries;
+            &read
+        }
+    };
+    // Both sides are sorted by key: one merge pass finds what to remove and what to write.
+    let mut remove: Vec<K> = Vec::new();
+    let mut keys: Vec<K> = Vec::new();
+    let mut values: Vec<V> = Vec::new();
+    let (mut i, mut j) = (0, 0);
+    while i < have.len() || j < want.len() {
+        match (have.get(i), want.get(j)) {
+            (Some(h), Some(w)) if h.0 == w.0 => {
+                if h.1 != w.1 {
+                    keys.push(w.0);
+                    values.push(w.1);
                 }
+                i += 1;
+                j += 1;
             }
+            (Some(h), Some(w)) if h.0 < w.0 => {
+                remove.push(h.0);
+                i += 1;
+            }
+            (Some(h), None) => {
+                remove.push(h.0);
+                i += 1;
+            }
+            (_, Some(w)) => {
+                keys.push(w.0);
+                values.push(w.1);
+                j += 1;
+            }
+            (None, None) => break,
         }
     }
-    let want_keys: std::collections::HashSet<&K> = want.iter().map(|(k, _)| k).collect();
-    for k in have.keys() {
-        if !want_keys.contains(k) {
-            m.remove(k).map_err(map_err(name))?;
-        }
+    if !remove.is_empty() {
+        sys::map_delete_batch(fd, &remove).map_err(batch_err)?;
+        stats.deletes += remove.len() as u64;
     }
-    for (k, v) in want {
-        if have.get(k) != Some(v) {
-            m.insert(k, v, 0).map_err(map_err(name))?;
-        }
+    if !keys.is_empty() {
+        sys::map_update_batch(fd, &keys, pod_bytes(&values), std::mem::size_of::<V>())
+            .map_err(batch_err)?;
+        stats.updates += keys.len() as u64;
     }
     Ok(())
 }
 
-fn sync_lpm<const N: usize>(
-    ebpf: &mut Ebpf,
-    name: &str,
-    want: &[(u32, [u8; N], u32)],
-    known: Option<&[(u32, [u8; N], u32)]>,
-) -> Result<(), LoaderError>
-where
-    [u8; N]: Pod,
-{
-    let mut m: LpmTrie<&mut MapData, [u8; N], u32> = map_mut(ebpf, name)?;
-    let mut have: StdHashMap<(u32, [u8; N]), u32> = StdHashMap::new();
-    match known {
-        Some(known) => have.extend(known.iter().map(|(len, addr, c)| ((*len, *addr), *c))),
-        None => {
-            let keys: Vec<Key<[u8; N]>> =
-                m.keys().collect::<Result<_, _>>().map_err(map_err(name))?;
-            for k in keys {
-                if let Ok(v) = m.get(&k, 0) {
-                    have.insert((k.prefix_len(), k.data()), v);
-                }
-            }
-        }
-    }
-    let want_map: StdHashMap<(u32, [u8; N]), u32> = want
-        .iter()
-        .map(|(len, addr, class)| ((*len, *addr), *class))
-        .collect();
-    for (len, addr) in have.keys() {
-        if !want_map.contains_key(&(*len, *addr)) {
-            m.remove(&Key::new(*len, *addr)).map_err(map_err(name))?;
-        }
-    }
-    for ((len, addr), class) in &want_map {
-        if have.get(&(*len, *addr)) != Some(class) {
-            m.insert(&Key::new(*len, *addr), class, 0)
-                .map_err(map_err(name))?;
-        }
-    }
-    Ok(())
-}
-
+/// Make the port-class array hold `want` (missing indices: 0): one batch read when its
+/// contents are unknown, one batch write of the changed indices.
 fn sync_ports(
-    ebpf: &mut Ebpf,
+    ebpf: &Ebpf,
     name: &str,
     want: &[u32],
     known: Option<&[u32]>,
+    stats: &mut ApplyStats,
 ) -> Result<(), LoaderError> {
-    let mut m: Array<&mut MapData, u32> = map_mut(ebpf, name)?;
-    for index in 0..PORT_PROTOS * PORTS_PER_PROTO {
-        let value = want.get(index as usize).copied().unwrap_or(0);
-        let current = match known {
-            Some(known) => known.get(index as usize).copied().unwrap_or(0),
-            None => m.get(&index, 0).map_err(map_err(name))?,
-        };
-        if current != value {
-            m.set(index, value, 0).map_err(map_err(name))?;
+    let fd = map_fd(ebpf, name)?;
+    let batch_err = |e: sys::BatchError| LoaderError::Batch {
+        map: name.to_string(),
+        done: e.done,
+        source: e.error,
+    };
+    let len = (PORT_PROTOS * PORTS_PER_PROTO) as usize;
+    let read;
+    let have: &[u32] = match known {
+        Some(k) => k,
+        None => {
+            let bytes = sys::array_lookup_range(fd, 0, len, 4).map_err(batch_err)?;
+            read = bytes
+                .chunks_exact(4)
+                .map(|b| u32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
+                .collect::<Vec<u32>>();
+            &read
         }
+    };
+    let mut keys: Vec<u32> = Vec::new();
+    let mut values: Vec<u32> = Vec::new();
+    for index in 0..len {
+        let value = want.get(index).copied().unwrap_or(0);
+        if have.get(index).copied().unwrap_or(0) != value {
+            keys.push(index as u32);
+            values.push(value);
+        }
+    }
+    if !keys.is_empty() {
+        sys::map_update_batch(fd, &keys, pod_bytes(&values), 4).map_err(batch_err)?;
+        stats.updates += keys.len() as u64;
     }
     Ok(())
 }
@@ -935,5 +1406,79 @@ mod tests {
         c.ports[3] = 0;
         c.uids[0].1 = 4;
         assert_ne!(h, policy_hash(&c, 0, (32768, 60999)), "maps");
+    }
+
+    fn image(rules: &[(String, u16)]) -> SlotImage {
+        let mut text = String::from("version = 1\n");
+        for (peer, port) in rules {
+            text.push_str(&format!(
+                "[[rule]]\naction = \"allow\"\npeer = \"{peer}\"\nports = [{port}]\n"
+            ));
+        }
+        let r = crate::policy::SystemResolver {
+            cgroup_root: PathBuf::from("/nonexistent"),
+        };
+        let (p, _) =
+            crate::policy::load_sources(&[(PathBuf::from("t.toml"), text)], &r).expect("valid");
+        SlotImage::of(&crate::policy::compile(&p).expect("compiles"))
+    }
+
+    /// What an image decides, without names: per prefix and port class, the masks and the
+    /// rules behind them.
+    type Meaning = std::collections::BTreeSet<(LpmKey<4>, u32, [u64; 3], Vec<(u32, u32, u32)>)>;
+
+    fn meaning(img: &SlotImage) -> Meaning {
+        let mut out = Meaning::new();
+        for (key, class) in &img.net4 {
+            for (k, v) in img.decisions.iter().filter(|(k, _)| k.net_class == *class) {
+                let rules = img
+                    .rule_of
+                    .iter()
+                    .filter(|(rk, _)| rk.entry == v.entry)
+                    .map(|(rk, rule)| (rk.identity, rk.kind, *rule))
+                    .collect();
+                out.insert((*key, k.port_class, [v.allow, v.deny, v.audit_deny], rules));
+            }
+        }
+        out
+    }
+
+    fn differing<K: PartialEq, V: PartialEq>(a: &[(K, V)], b: &[(K, V)]) -> usize {
+        a.iter().filter(|e| !b.contains(e)).count() + b.iter().filter(|e| !a.contains(e)).count()
+    }
+
+    #[test]
+    fn renaming_keeps_the_meaning_and_makes_one_rule_changes_small() {
+        let rules: Vec<(String, u16)> = (0..200u16)
+            .map(|i| (format!("10.0.{i}.0/24"), 100 + i))
+            .collect();
+        let old = image(&rules);
+        // Rule 100 now names a prefix that sorts first: compiled afresh, every net class and
+        // decision entry shifts.
+        let mut changed = rules.clone();
+        changed[100].0 = "9.0.0.0/24".to_string();
+        let fresh = image(&changed);
+        let mut renamed = fresh.clone();
+        renamed.renumber_like(&old);
+        assert_eq!(meaning(&renamed), meaning(&fresh), "same decisions");
+        assert!(
+            differing(&fresh.decisions, &old.decisions) > 300,
+            "compiled afresh: all shift"
+        );
+        let diff = differing(&renamed.net4, &old.net4)
+            + differing(&renamed.decisions, &old.decisions)
+            + differing(&renamed.rule_of, &old.rule_of)
+            + renamed
+                .ports
+                .iter()
+                .zip(&old.ports)
+                .filter(|(a, b)| a != b)
+                .count();
+        // The old and new prefix, and for tcp and udp each: the decision and its rule-of.
+        assert_eq!(diff, 10, "one rule changed, {diff} entries differ");
+        // Renaming the same policy against its renamed self changes nothing.
+        let mut again = fresh.clone();
+        again.renumber_like(&renamed);
+        assert_eq!(again, renamed);
     }
 }

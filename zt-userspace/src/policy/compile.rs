@@ -450,7 +450,6 @@ impl PortPartition {
     fn new(rules: &[Rule]) -> PortPartition {
         let per_proto = PORTS_PER_PROTO as usize;
         let mut array = vec![0u32; PORT_PROTOS as usize * per_proto];
-        let mut next_class = PORT_CLASS_FIRST;
         let mut intervals: [Vec<Interval>; 2] = [Vec::new(), Vec::new()];
         for (p, out) in intervals.iter_mut().enumerate() {
             // cut[x]: an interval starts at x. depth: +1 where a range starts, -1 after it ends.
@@ -470,9 +469,10 @@ impl PortPartition {
             for port in 1..=per_proto {
                 if port == per_proto || (port > 1 && cut[port]) {
                     // Close start..port.
+                    // An interval's class is named by where it starts, so that a change to one
+                    // rule renames no other interval's class (small reload diffs).
                     let class = if covered > 0 {
-                        next_class += 1;
-                        next_class - 1
+                        PORT_CLASS_FIRST + (p * per_proto + start) as u32
                     } else {
                         0
                     };

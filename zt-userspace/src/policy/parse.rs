@@ -210,10 +210,21 @@ pub(crate) fn read_source(path: &Path) -> Result<String, Diagnostic> {
 /// Parses and checks one file. `None` when it is not valid TOML (the syntax error is reported,
 /// the file's semantic checks are skipped).
 pub(crate) fn parse_file(path: &Path, text: &str, diags: &mut Vec<Diagnostic>) -> Option<FileAst> {
+    if text.len() >= CHUNKED_ABOVE {
+        if let Some(file) = parse_chunked(path, text, diags) {
+            return Some(file);
+        }
+    }
+    parse_whole(path, text, diags)
+}
+
+/// [`parse_file`] in one piece.
+fn parse_whole(path: &Path, text: &str, diags: &mut Vec<Diagnostic>) -> Option<FileAst> {
     let mut cx = Cx {
         path,
         lines: LineIndex::new(text),
         diags,
+        offset: 0,
     };
     let root = match DeTable::parse(text) {
         Ok(root) => root,
@@ -237,6 +248,63 @@ pub(crate) fn parse_file(path: &Path, text: &str, diags: &mut Vec<Diagnostic>) -
     Some(cx.file(root.get_ref()))
 }
 
+/// Files this big are parsed in pieces (see [`parse_chunked`]).
+const CHUNKED_ABOVE: usize = 1 << 20;
+/// `[[rule]]` sections per piece.
+const RULES_PER_CHUNK: usize = 1024;
+
+/// A big file as the part before its first `[[rule]]` line, then pieces of
+/// [`RULES_PER_CHUNK`] rules, each parsed on its own: the TOML tree of 100k rules would take
+/// hundreds of MiB (the rules' syntax tree is a few dozen bytes each). Exactly the result of
+/// parsing the whole file, or `None` (then the whole file is parsed, for its diagnostics):
+/// whenever a piece does not parse, holds anything but `[[rule]]` tables, or the first part
+/// has a `rule` key of its own. A cut in a wrong place (a `[[rule]]` line inside a multi-line
+/// string or array) leaves an unterminated string or array, which does not parse.
+fn parse_chunked(path: &Path, text: &str, diags: &mut Vec<Diagnostic>) -> Option<FileAst> {
+    let mut cuts = Vec::new();
+    let mut at = 0;
+    for line in text.split_inclusive('\n') {
+        let code = line.split('#').next().unwrap_or("").trim();
+        if code == "[[rule]]" {
+            cuts.push(at);
+        }
+        at += line.len();
+    }
+    let first = *cuts.first()?;
+    let mut local = Vec::new();
+    let mut cx = Cx {
+        path,
+        lines: LineIndex::new(text),
+        diags: &mut local,
+        offset: 0,
+    };
+    let prelude = DeTable::parse(&text[..first]).ok()?;
+    if prelude.get_ref().contains_key("rule") {
+        return None;
+    }
+    let mut file = cx.file(prelude.get_ref());
+    drop(prelude);
+    let mut starts: Vec<usize> = cuts.iter().step_by(RULES_PER_CHUNK).copied().collect();
+    starts.push(text.len());
+    for w in starts.windows(2) {
+        let (a, b) = (w[0], w[1]);
+        let root = DeTable::parse(&text[a..b]).ok()?;
+        let root = root.get_ref();
+        if root.len() != 1 {
+            return None;
+        }
+        let rules = root.get("rule")?.get_ref().as_array()?;
+        cx.offset = a;
+        for r in rules {
+            let t = r.get_ref().as_table()?;
+            let rule = cx.rule(r.span(), t);
+            file.rules.push(rule);
+        }
+    }
+    diags.append(&mut local);
+    Some(file)
+}
+
 type Entry<'t, 'i> = (&'t Spanned<DeString<'i>>, &'t Spanned<DeValue<'i>>);
 
 /// The entries of a table in the order they were written.
@@ -250,11 +318,14 @@ struct Cx<'a> {
     path: &'a Path,
     lines: LineIndex<'a>,
     diags: &'a mut Vec<Diagnostic>,
+    /// Where the parsed text starts in the file (spans are relative to it).
+    offset: usize,
 }
 
 impl Cx<'_> {
     fn loc(&self, span: Range<usize>) -> Loc {
-        self.lines.span(&span)
+        self.lines
+            .span(&(span.start + self.offset..span.end + self.offset))
     }
 
     fn error(&mut self, span: Range<usize>, message: impl Into<String>) {
@@ -1112,6 +1183,77 @@ mod tests {
 
     fn net(s: &str) -> IpNet {
         s.parse().expect("test CIDR")
+    }
+
+    /// A policy of `n` rules after a prelude; `bad`: the rule whose CIDR is invalid.
+    fn big(n: usize, bad: Option<usize>) -> String {
+        let mut t = String::from("version = 1\nmode = \"audit\"\n[identity.web]\nuid = 7\n");
+        for i in 0..n {
+            let peer = if Some(i) == bad {
+                "10.0.0.300".to_string()
+            } else {
+                format!("10.{}.{}.0/24", i >> 8 & 0xff, i & 0xff)
+            };
+            t.push_str(&format!(
+                "[[rule]] # {i}\naction = \"allow\"\nidentity = \"web\"\npeer = \"{peer}\"\nports = [{}, \"8000-8100\"]\n",
+                1 + i % 60000
+            ));
+        }
+        t
+    }
+
+    #[test]
+    fn big_files_parse_in_pieces_exactly_as_a_whole() {
+        let path = Path::new("big.toml");
+        for bad in [None, Some(0), Some(5_000), Some(29_999)] {
+            let text = big(30_000, bad);
+            assert!(text.len() >= CHUNKED_ABOVE);
+            let (mut d1, mut d2) = (Vec::new(), Vec::new());
+            let pieces = parse_chunked(path, &text, &mut d1).expect("parsed in pieces");
+            let whole = parse_whole(path, &text, &mut d2).expect("parsed");
+            assert_eq!(pieces, whole);
+            assert_eq!(d1, d2);
+            assert_eq!(d1.is_empty(), bad.is_none(), "{d1:?}");
+            assert_eq!(pieces.rules.len(), 30_000);
+        }
+    }
+
+    #[test]
+    fn big_files_that_do_not_cut_cleanly_are_parsed_whole() {
+        let path = Path::new("big.toml");
+        let base = big(30_000, None);
+        // A syntax error in the middle, a `[[rule]]` line inside a multi-line string where a
+        // piece would start (rule 1023's peer is named `[[rule]]`: valid TOML), a table after
+        // the rules, a `rule` key before them.
+        let cases = [
+            base.replacen(
+                "action = \"allow\"\nidentity",
+                "action = \"allow\nidentity",
+                7_000,
+            ),
+            base.replacen(
+                "peer = \"10.3.255.0/24\"",
+                "peer = \"\"\"\n[[rule]]\n\"\"\"",
+                1,
+            ),
+            format!("{base}[network.late]\ncidrs = [\"10.0.0.0/8\"]\n"),
+            base.replacen("[identity.web]", "rule = []\n[identity.web]", 1),
+        ];
+        for (i, text) in cases.iter().enumerate() {
+            let (mut d, mut d1, mut d2) = (Vec::new(), Vec::new(), Vec::new());
+            let whole = parse_whole(path, text, &mut d2);
+            let chunked = parse_chunked(path, text, &mut d);
+            assert!(i == 0 || chunked.is_none(), "case {i}: parsed whole");
+            match chunked {
+                None => assert!(d.is_empty(), "case {i}: a fallback reports nothing itself"),
+                Some(pieces) => {
+                    assert_eq!(Some(pieces), whole, "case {i}");
+                    assert_eq!(d, d2, "case {i}");
+                }
+            }
+            assert_eq!(parse_file(path, text, &mut d1), whole, "case {i}");
+            assert_eq!(d1, d2, "case {i}");
+        }
     }
 
     #[test]
