@@ -150,9 +150,56 @@ pub struct Ztd {
     child: Option<Child>,
     pub output: Arc<Mutex<Vec<String>>>,
     pub socket: PathBuf,
+    /// The threads copying stdout and stderr into `output`.
+    readers: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl Ztd {
+    /// Collect the lines `child` prints on stdout and stderr (both piped) into `output`.
+    fn capture(mut child: Child, socket: PathBuf) -> Ztd {
+        let output = Arc::new(Mutex::new(Vec::new()));
+        let mut readers = Vec::new();
+        for stream in [
+            child
+                .stdout
+                .take()
+                .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+            child
+                .stderr
+                .take()
+                .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            let output = Arc::clone(&output);
+            readers.push(std::thread::spawn(move || {
+                for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                    if let Ok(mut o) = output.lock() {
+                        o.push(line);
+                    }
+                }
+            }));
+        }
+        Ztd {
+            child: Some(child),
+            output,
+            socket,
+            readers,
+        }
+    }
+
+    /// After the process exited: wait (up to 5 s) until its last lines are collected.
+    fn drain_output(&mut self) {
+        let end = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < end && self.readers.iter().any(|r| !r.is_finished()) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        for r in self.readers.drain(..).filter(|r| r.is_finished()) {
+            let _ = r.join();
+        }
+    }
+
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
     }
@@ -212,6 +259,7 @@ impl Ztd {
             if let Some(c) = self.child.as_mut() {
                 if let Ok(Some(st)) = c.try_wait() {
                     self.child = None;
+                    self.drain_output();
                     return Some(st);
                 }
             }
@@ -325,39 +373,12 @@ impl Harness {
 
     /// Start `ztd` as `cmd` without waiting.
     pub fn spawn_ztd_cmd(&self, mut cmd: Command) -> Ztd {
-        let mut child = cmd
+        let child = cmd
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn ztd");
-        let output = Arc::new(Mutex::new(Vec::new()));
-        for stream in [
-            child
-                .stdout
-                .take()
-                .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
-            child
-                .stderr
-                .take()
-                .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
-        ]
-        .into_iter()
-        .flatten()
-        {
-            let output = Arc::clone(&output);
-            std::thread::spawn(move || {
-                for line in BufReader::new(stream).lines().map_while(Result::ok) {
-                    if let Ok(mut o) = output.lock() {
-                        o.push(line);
-                    }
-                }
-            });
-        }
-        Ztd {
-            child: Some(child),
-            output,
-            socket: self.socket.clone(),
-        }
+        Ztd::capture(child, self.socket.clone())
     }
 
     pub fn ztctl(&self, args: &[&str]) -> Output {
@@ -820,40 +841,13 @@ impl Harness {
                 Ok(())
             });
         }
-        let mut child = cmd
+        let child = cmd
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn ztd in netns");
         drop(ns);
-        let output = Arc::new(Mutex::new(Vec::new()));
-        for stream in [
-            child
-                .stdout
-                .take()
-                .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
-            child
-                .stderr
-                .take()
-                .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
-        ]
-        .into_iter()
-        .flatten()
-        {
-            let output = Arc::clone(&output);
-            std::thread::spawn(move || {
-                for line in BufReader::new(stream).lines().map_while(Result::ok) {
-                    if let Ok(mut o) = output.lock() {
-                        o.push(line);
-                    }
-                }
-            });
-        }
-        Ztd {
-            child: Some(child),
-            output,
-            socket: self.socket.clone(),
-        }
+        Ztd::capture(child, self.socket.clone())
     }
 
     /// Compile `policy` (one file's text) as ztd would, write it into this harness's pins as
