@@ -34,6 +34,10 @@ pub const DEFAULT_NEGATIVE_TTL: Duration = Duration::from_secs(10);
 /// How long a successful user, group or executable lookup is trusted (uids can be renamed,
 /// inode numbers reused). Cgroup ids are never reused, so cgroup paths do not expire.
 pub const DEFAULT_POSITIVE_TTL: Duration = Duration::from_secs(600);
+
+/// How long the arguments read for a process are shown again without reading `/proc`: a
+/// process that rewrites its argv (setproctitle) shows the new one after this.
+pub const ARGV_TTL: Duration = Duration::from_secs(1);
 /// Deepest directory level a cgroup walk descends to (the root is level 0).
 pub const DEFAULT_MAX_WALK_DEPTH: usize = 32;
 /// Most directory entries a single cgroup walk reads before it gives up.
@@ -126,6 +130,8 @@ pub struct Enricher {
     config: EnricherConfig,
     cgroups: TtlCache<u64>,
     exes: TtlCache<(u64, u64)>,
+    /// Arguments by (tgid, dev, ino), NUL-joined, for [`ARGV_TTL`].
+    argvs: TtlCache<(u32, u64, u64)>,
     users: TtlCache<u32>,
     groups: TtlCache<u32>,
     stats: EnricherStats,
@@ -142,6 +148,7 @@ impl Enricher {
         Enricher {
             cgroups: TtlCache::new(config.capacity),
             exes: TtlCache::new(config.capacity),
+            argvs: TtlCache::new(config.capacity),
             users: TtlCache::new(config.capacity),
             groups: TtlCache::new(config.capacity),
             config,
@@ -255,6 +262,29 @@ impl Enricher {
             now,
         );
         Some(path)
+    }
+
+    /// [`argv_of`], remembered for [`ARGV_TTL`]: a burst of events from one process reads
+    /// `/proc` once, not seven system calls per event.
+    pub fn argv(&mut self, tgid: u32, dev: u64, ino: u64) -> Option<Vec<String>> {
+        if tgid == 0 || (dev == 0 && ino == 0) {
+            return None;
+        }
+        let now = Instant::now();
+        let key = (tgid, dev, ino);
+        if let Some(cached) = self.argvs.get(&key, now) {
+            self.stats.hits += 1;
+            return cached.map(|joined| joined.split('\0').map(str::to_owned).collect());
+        }
+        self.stats.misses += 1;
+        let argv = argv_of(tgid, dev, ino);
+        self.argvs.put(
+            key,
+            argv.as_ref().map(|a| a.join("\0")),
+            Some(ARGV_TTL),
+            now,
+        );
+        argv
     }
 
     fn ttl_for(&self, found: bool) -> Duration {
@@ -439,6 +469,26 @@ mod tests {
         assert_eq!(fresh.exe_path(dev ^ 1, ino, me), None);
         assert_eq!(fresh.exe_path(0, 0, me), None);
         assert_eq!(fresh.cached_entries(), 0);
+    }
+
+    #[test]
+    fn argv_of_this_process_is_read_once_then_remembered() {
+        let me = std::process::id();
+        let meta = fs::metadata("/proc/self/exe").unwrap();
+        let (dev, ino) = (kernel_dev(meta.dev()), meta.ino());
+        let expected: Vec<String> = std::env::args().take(32).collect();
+        let mut e = Enricher::new("/nonexistent");
+        let first = e.argv(me, dev, ino).unwrap();
+        assert_eq!(first.first(), expected.first());
+        let misses = e.stats().misses;
+        assert_eq!(e.argv(me, dev, ino), Some(first));
+        assert_eq!(
+            e.stats().misses,
+            misses,
+            "the second answer came from the cache"
+        );
+        // Another file than the one the process runs: no arguments.
+        assert_eq!(e.argv(me, dev, ino + 1), None);
     }
 
     #[test]

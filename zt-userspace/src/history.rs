@@ -277,7 +277,7 @@ impl EventRecord {
         self.group = enricher.group_name(self.gid);
         self.cgroup = enricher.cgroup_path(self.cgroup_id);
         self.exe = enricher.exe_path(self.exe_dev, self.exe_ino, self.tgid);
-        self.argv = crate::enrich::argv_of(self.tgid, self.exe_dev, self.exe_ino);
+        self.argv = enricher.argv(self.tgid, self.exe_dev, self.exe_ino);
     }
 
     /// Who: the executable's path if known, else `uid N`.
