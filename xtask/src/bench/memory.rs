@@ -18,11 +18,7 @@ use super::rules::short as k;
 
 impl Memory {
     pub fn new(quick: bool) -> Memory {
-        let tiers = if quick {
-            vec![1, 2, 5]
-        } else {
-            vec![10, 10_000, 100_000]
-        };
+        let tiers = super::rules::tiers(quick, [10, 10_000, 100_000]);
         let mut v = Vec::new();
         for t in &tiers {
             v.push(&*Box::leak(format!("rss/{}", k(*t)).into_boxed_str()));

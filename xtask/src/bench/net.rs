@@ -42,27 +42,23 @@ pub fn ensure_tools() {
         return;
     }
     println!("bench: installing {} (apt-get)", missing.join(" "));
-    let ok = Command::new("apt-get")
-        .args(["install", "-y", "-qq", "--no-install-recommends"])
-        .args(&missing)
-        .env("DEBIAN_FRONTEND", "noninteractive")
-        .stdin(Stdio::null())
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
-    if !ok {
-        let _ = Command::new("apt-get")
-            .args(["update", "-qq"])
-            .stdin(Stdio::null())
-            .status();
-        let ok = Command::new("apt-get")
+    let install = || {
+        Command::new("apt-get")
             .args(["install", "-y", "-qq", "--no-install-recommends"])
             .args(&missing)
             .env("DEBIAN_FRONTEND", "noninteractive")
             .stdin(Stdio::null())
             .status()
             .map(|s| s.success())
-            .unwrap_or(false);
+            .unwrap_or(false)
+    };
+    if !install() {
+        // The package lists may be missing or stale (a fresh machine): update once, retry.
+        let _ = Command::new("apt-get")
+            .args(["update", "-qq"])
+            .stdin(Stdio::null())
+            .status();
+        let ok = install();
         if !ok {
             println!(
                 "bench: warning: could not install {}: the rows that need them are skipped",

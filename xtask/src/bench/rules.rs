@@ -13,6 +13,16 @@ const PORT_SETS: &[&[&str]] = &[
     &["5000-5100"],
 ];
 
+/// The rule counts a scenario measures: `full` (the sizes), or 1, 2 and 5 with
+/// `--quick` (the CI smoke test).
+pub fn tiers(quick: bool, full: [usize; 3]) -> Vec<usize> {
+    if quick {
+        vec![1, 2, 5]
+    } else {
+        full.to_vec()
+    }
+}
+
 /// A rule count as the variants name it: 10, 10k, 100k.
 pub fn short(n: usize) -> String {
     if n >= 1000 && n.is_multiple_of(1000) {

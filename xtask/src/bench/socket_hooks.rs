@@ -45,11 +45,7 @@ fn tier_name(t: Option<usize>) -> String {
 
 impl SocketHooks {
     pub fn new(quick: bool) -> SocketHooks {
-        let tiers = if quick {
-            vec![1, 2, 5]
-        } else {
-            vec![10, 10_000, 100_000]
-        };
+        let tiers = super::rules::tiers(quick, [10, 10_000, 100_000]);
         let mut v = Vec::new();
         for op in OPS {
             for t in std::iter::once(None).chain(tiers.iter().copied().map(Some)) {

@@ -126,11 +126,7 @@ impl Drop for XdpFilterGuard {
 
 impl XdpCost {
     pub fn new(quick: bool) -> XdpCost {
-        let tiers = if quick {
-            vec![1, 2, 5]
-        } else {
-            vec![1_000, 10_000, 100_000]
-        };
+        let tiers = super::rules::tiers(quick, [1_000, 10_000, 100_000]);
         let mut v = vec!["trivial".to_string()];
         for who in ["zt", "xdpf"] {
             for t in &tiers {
