@@ -177,8 +177,8 @@ pub enum Stat {
     EventLost = 6,
     /// Events successfully submitted to the ring buffer.
     EventSent = 7,
-    /// cgroup_skb: a packet's headers could not be read; passed (the sock_addr and bind
-    /// hooks already judged its socket).
+    /// cgroup_skb: not even a packet's IP header could be read; dropped (and counted in
+    /// [`Stat::SkbUnparsedDropped`] too).
     SkbUnparsed = 8,
     /// cgroup_skb: packets dropped by the ingress or egress backstop.
     SkbDropped = 9,
