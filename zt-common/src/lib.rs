@@ -192,8 +192,8 @@ pub enum Stat {
     /// IPv6 extension headers than [`MAX_SKB_IPV6_EXT`], a truncated header, or a transport
     /// header other than the socket's protocol): a packet zt cannot judge is not trusted.
     SkbUnparsedDropped = 12,
-    /// A send or connect from a socket serving a bound port allowed as a reply: its peer
-    /// sent to this socket first (a [`ReplyKey`] record) or (TCP) it was accepted.
+    /// A UDP send, connect or egress packet of a socket serving a bound port, allowed as an
+    /// answer because its peer sent to this socket first (a valid [`ReplyKey`] record).
     ReplyAllowed = 13,
     /// Reply records written by the ingress hook (a datagram admitted to a serving UDP
     /// socket from a peer not recorded, or recorded more than a second ago).
