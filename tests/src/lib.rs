@@ -702,6 +702,20 @@ impl NetPair {
         );
     }
 
+    /// Add an address to `lo` of the server namespace `b` (`-6` for IPv6 ones is implied by
+    /// the address), for sources a test sends from inside `b`.
+    pub fn add_lo_addr_b(&self, cidr: &str) {
+        let mut args = vec!["-n", &self.b];
+        if cidr.contains(':') {
+            args.push("-6");
+        }
+        args.extend(["addr", "add", cidr, "dev", "lo"]);
+        if cidr.contains(':') {
+            args.push("nodad");
+        }
+        ip(&args);
+    }
+
     pub fn path_a(&self) -> PathBuf {
         Path::new("/run/netns").join(&self.a)
     }
@@ -792,8 +806,123 @@ impl Held {
         Held(HeldChild::spawn(cmd, "hold"))
     }
 
+    /// Like [`Held::connect`], with the socket bound to `bind_port` first (0: any) and every
+    /// datagram sent with `sendmsg()` and control message `cmsg` (`none`, `tos`, `gso`,
+    /// `pktinfo`: see zt-probe's `hold --cmsg`).
+    pub fn connect_with(
+        probe: &Path,
+        cgroup: &Path,
+        addr: SocketAddr,
+        bind_port: u16,
+        cmsg: &str,
+    ) -> Held {
+        let mut cmd = Command::new(probe);
+        cmd.args(["hold", "--addr", &addr.to_string(), "--cgroup"])
+            .arg(cgroup)
+            .args(["--bind-port", &bind_port.to_string(), "--cmsg", cmsg]);
+        Held(HeldChild::spawn(cmd, "hold"))
+    }
+
     pub fn send(&mut self) -> String {
         self.0.send()
+    }
+}
+
+/// A UDP receiver run by the probe (`zt-probe recv`) that never answers: it reports each
+/// datagram as `got SRC PAYLOAD`. Killed on drop.
+pub struct Receiver {
+    child: Child,
+    pub port: u16,
+    lines: std::sync::mpsc::Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl Receiver {
+    /// Receive on `bind` (an IPv6 address binds dual-stack) in `netns`, from `cgroup`.
+    pub fn start(
+        probe: &Path,
+        bind: SocketAddr,
+        netns: Option<&Path>,
+        cgroup: Option<&Path>,
+    ) -> Receiver {
+        let mut cmd = Command::new(probe);
+        cmd.args(["recv", "--bind", &bind.to_string()]);
+        if let Some(ns) = netns {
+            cmd.arg("--netns").arg(ns);
+        }
+        if let Some(cg) = cgroup {
+            cmd.arg("--cgroup").arg(cg);
+        }
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn recv");
+        let mut out = BufReader::new(child.stdout.take().expect("stdout"));
+        let mut line = String::new();
+        let _ = out.read_line(&mut line);
+        let port = line
+            .trim()
+            .strip_prefix("ready ")
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("recv did not start: {line:?}")
+            });
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for l in out.lines() {
+                let Ok(l) = l else { break };
+                if tx.send(l).is_err() {
+                    break;
+                }
+            }
+        });
+        Receiver {
+            child,
+            port,
+            lines,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Wait (up to `timeout`) for a datagram whose payload is `payload`; true if it came.
+    /// Every line read on the way is kept for [`Receiver::got`].
+    pub fn wait_for(&mut self, payload: &str, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.got(payload) {
+                return true;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            match self.lines.recv_timeout(left) {
+                Ok(l) => self.seen.push(l),
+                Err(_) => return false,
+            }
+        }
+    }
+
+    /// Whether a datagram with payload `payload` was read so far.
+    pub fn got(&self, payload: &str) -> bool {
+        self.seen
+            .iter()
+            .any(|l| l.rsplit(' ').next() == Some(payload))
+    }
+
+    /// Lines read so far.
+    pub fn seen(&self) -> &[String] {
+        &self.seen
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
@@ -942,6 +1071,7 @@ pub fn counters_delta(
         dropped_closed_port: after.dropped_closed_port - before.dropped_closed_port,
         dropped_malformed: after.dropped_malformed - before.dropped_malformed,
         passed_not_judged: after.passed_not_judged - before.passed_not_judged,
+        dropped_unparsed: after.dropped_unparsed - before.dropped_unparsed,
         no_policy: after.no_policy - before.no_policy,
         audited: after.audited - before.audited,
         events_sent: after.events_sent - before.events_sent,

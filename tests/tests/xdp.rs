@@ -97,6 +97,7 @@ enum Reason {
     Malformed,
     NotJudged,
     Audited,
+    Unparsed,
 }
 
 fn reason_count(c: &XdpCounters, r: Reason) -> u64 {
@@ -107,6 +108,7 @@ fn reason_count(c: &XdpCounters, r: Reason) -> u64 {
         Reason::Malformed => c.dropped_malformed,
         Reason::NotJudged => c.passed_not_judged,
         Reason::Audited => c.audited,
+        Reason::Unparsed => c.dropped_unparsed,
     }
 }
 
@@ -502,7 +504,7 @@ fn ipv6_extension_headers_and_fragments() {
             &[0u8; 16],
         ),
     );
-    // More extension headers than the parser follows: left to the stack.
+    // More extension headers than the parser follows: the port is unknown, so dropped.
     let seven = cat(&[
         &ext(DSTOPTS),
         &ext(DSTOPTS),
@@ -512,10 +514,12 @@ fn ipv6_extension_headers_and_fragments() {
         &ext(DSTOPTS),
         &ext(TCP),
     ]);
-    not_judged(
+    expect(
         &fx,
         "seven extension headers",
-        &with(HOPOPTS, &seven, &tcp(40000, CLOSED)),
+        &with(HOPOPTS, &seven, &tcp(40000, 8080)),
+        XDP_DROP,
+        Reason::Unparsed,
     );
     let six = cat(&[
         &ext(DSTOPTS),
@@ -749,6 +753,70 @@ fn cost_per_packet() {
         let (_, per_run) = fx.front.run(&frame, 200_000).expect("run");
         println!("xdp cost: {what:<28} {:>5} ns/packet", per_run.as_nanos());
     }
+}
+
+/// `n` destination-options headers, the last announcing UDP.
+fn dstopts(n: usize) -> Vec<u8> {
+    let mut out = Vec::new();
+    for i in 0..n {
+        out.extend(ext(if i + 1 == n { UDP } else { DSTOPTS }));
+    }
+    out
+}
+
+#[test]
+fn a_header_chain_the_front_door_cannot_follow_is_dropped() {
+    let h = Harness::new(PROBE);
+    // As the cgroup_skb test (seams.rs): udp 5353 may be reached only from fd00::99.
+    let fx = h.xdp_fixture(
+        r#"version = 1
+[[rule]]
+action = "allow"
+direction = "ingress"
+peer = "fd00::99"
+ports = [5353]
+proto = "udp"
+"#,
+        0,
+    );
+    let frame = |src: [u8; 16], n: usize| {
+        let next = if n == 0 { UDP } else { DSTOPTS };
+        cat(&[
+            &eth(&[], ETH_P_IPV6),
+            &ipv6(
+                src,
+                local6(),
+                next,
+                &cat(&[&dstopts(n), &udp(40000, 5353, b"x")]),
+            ),
+        ])
+    };
+    for src in [v6("::1"), v6("fd00::99")] {
+        // Up to six headers the port is known (open: the cgroup_skb hook judges the peer).
+        for n in [0, 5, 6] {
+            pass(&fx, &format!("{n} headers"), &frame(src, n));
+        }
+        // Beyond that the port is unknown: dropped, whoever sends.
+        for n in [7, 9] {
+            expect(
+                &fx,
+                &format!("{n} headers"),
+                &frame(src, n),
+                XDP_DROP,
+                Reason::Unparsed,
+            );
+        }
+    }
+    // In audit mode the same packet passes, counted as audited.
+    let audit = Harness::new(PROBE);
+    let fx = audit.xdp_fixture(POLICY, FLAG_GLOBAL_AUDIT);
+    expect(
+        &fx,
+        "9 headers, --mode audit",
+        &frame(v6("::1"), 9),
+        XDP_PASS,
+        Reason::Audited,
+    );
 }
 
 // ------------------------------------------------------------------------------------------

@@ -177,8 +177,8 @@ pub enum Stat {
     EventLost = 6,
     /// Events successfully submitted to the ring buffer.
     EventSent = 7,
-    /// cgroup_skb: a packet's headers could not be read; passed (the sock_addr and bind
-    /// hooks already judged its socket).
+    /// cgroup_skb: not even a packet's IP header could be read; dropped (and counted in
+    /// [`Stat::SkbUnparsedDropped`] too).
     SkbUnparsed = 8,
     /// cgroup_skb: packets dropped by the ingress or egress backstop.
     SkbDropped = 9,
@@ -188,6 +188,16 @@ pub enum Stat {
     /// Gauge, not a counter: bytes waiting in the ring buffer when an event was last sent
     /// (the largest over CPUs is the fill).
     RingFill = 11,
+    /// cgroup_skb: packets dropped because zt could not parse their headers to the end (more
+    /// IPv6 extension headers than [`MAX_SKB_IPV6_EXT`], a truncated header, or a transport
+    /// header other than the socket's protocol): a packet zt cannot judge is not trusted.
+    SkbUnparsedDropped = 12,
+    /// A UDP send, connect or egress packet of a socket serving a bound port, allowed as an
+    /// answer because its peer sent to this socket first (a valid [`ReplyKey`] record).
+    ReplyAllowed = 13,
+    /// Reply records written by the ingress hook (a datagram admitted to a serving UDP
+    /// socket from a peer not recorded, or recorded more than a second ago).
+    ReplyRecorded = 14,
 }
 
 /// Size of the hook-code space (codes 1..=10 are used) and verdict-code space (1..=3), for
@@ -197,6 +207,61 @@ pub const VERDICT_CODES: u32 = 4;
 
 /// Number of entries in the statistics array.
 pub const STAT_COUNT: u32 = 16;
+
+/// IPv6 extension headers the `cgroup_skb` parser follows before the transport header; a
+/// longer chain is not parsed to the end and its packet is dropped
+/// ([`Stat::SkbUnparsedDropped`]).
+pub const MAX_SKB_IPV6_EXT: u32 = 8;
+
+/// Key of the reply records (`REPLIES`, an LRU hash): a peer that sent a datagram to a
+/// serving UDP socket, which may therefore answer it. Written by the `cgroup_skb` ingress
+/// hook when it admits the datagram; read by the sendmsg/connect hooks and the egress
+/// backstop.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReplyKey {
+    /// The serving socket's cookie (`bpf_get_socket_cookie`).
+    pub cookie: u64,
+    /// 4 or 6 (IPv4-mapped IPv6 peers are recorded as IPv4).
+    pub family: u8,
+    /// `Proto` code.
+    pub proto: u8,
+    /// The peer's port, host order.
+    pub port: u16,
+    pub _pad: u32,
+    /// The peer's address, network order; IPv4 in the first four bytes.
+    pub addr: [u8; 16],
+}
+
+/// Value of a reply record.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReplyValue {
+    /// When the peer last sent to the socket (`bpf_ktime_get_ns`).
+    pub seen_ns: u64,
+    /// Generation whose ingress rules admitted it: a new generation voids the record (the
+    /// next datagram, judged by the new rules, writes it again).
+    pub generation: u64,
+    /// The ingress rule that admitted it (with `RULE_LOG_FLAG` stripped), for counters and
+    /// events of the reply.
+    pub rule: u32,
+    pub _pad: u32,
+}
+
+/// How long a reply record lasts after the peer's last datagram (as conntrack's UDP stream
+/// timeout): 120 s.
+pub const REPLY_TTL_NS: u64 = 120_000_000_000;
+/// A record seen again within this time is not rewritten (one map write per peer per
+/// second at most).
+pub const REPLY_REFRESH_NS: u64 = 1_000_000_000;
+/// Capacity of `REPLIES`; the least recently used records are evicted first (a reply whose
+/// record was evicted is judged by the egress rules).
+pub const MAX_REPLIES: u32 = 65536;
+
+/// Whether a reply record is valid at `now` for generation `generation`.
+pub fn reply_valid(v: &ReplyValue, generation: u64, now: u64) -> bool {
+    v.generation == generation && now.wrapping_sub(v.seen_ns) < REPLY_TTL_NS
+}
 
 /// The single entry of the `ACTIVE` map: which slot decides now.
 #[repr(C)]
@@ -327,7 +392,10 @@ pub struct SocketOwner {
     pub cache_dir: u8,
     /// `Verdict` code of the cached verdict.
     pub cache_verdict: u8,
-    pub _pad: [u8; 2],
+    /// Address family and protocol of the cached verdict ([`cache_kind`]; 0: none).
+    pub cache_kind: u8,
+    /// `OWNER_*` flags.
+    pub flags: u8,
     /// Generation the cached verdict was made in: a new generation invalidates it.
     pub cache_generation: u64,
     /// Peer address of the cached verdict (IPv4 in the first four bytes).
@@ -337,6 +405,55 @@ pub struct SocketOwner {
 /// Directions of a cached packet verdict.
 pub const CACHE_EGRESS: u8 = 1;
 pub const CACHE_INGRESS: u8 = 2;
+
+/// `SocketOwner::flags`: the socket opened a TCP connection itself (`connect()`, or
+/// `sendto(MSG_FASTOPEN)`, both run the connect hooks): it is a client, never treated as
+/// serving its bound port, so its packets are judged by the egress rules.
+pub const OWNER_ACTIVE_OPEN: u8 = 1;
+
+/// The family+protocol byte of a cached verdict: family (4 or 6) in the high nibble, the
+/// `Proto` code in the low one. Never 0 for a real key.
+pub const fn cache_kind(family: u8, proto: Proto) -> u8 {
+    (family << 4) | (proto as u8 & 0x0f)
+}
+
+/// What a per-socket packet verdict depends on besides the socket's owner: the policy
+/// generation, the direction, the peer's family, full address and port (for ingress: the
+/// local port), and the protocol.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CacheKey {
+    pub generation: u64,
+    pub dir: u8,
+    pub family: u8,
+    pub proto: Proto,
+    pub port: u16,
+    pub addr: [u8; 16],
+}
+
+impl SocketOwner {
+    /// The cached verdict code, if the cache holds a verdict for exactly `key`.
+    #[inline(always)]
+    pub fn cached(&self, key: &CacheKey) -> Option<u8> {
+        (self.cache_dir != 0
+            && self.cache_generation == key.generation
+            && self.cache_dir == key.dir
+            && self.cache_kind == cache_kind(key.family, key.proto)
+            && self.cache_port == key.port
+            && self.cache_peer == key.addr)
+            .then_some(self.cache_verdict)
+    }
+
+    /// Cache `verdict` (a `Verdict` code) for `key`.
+    #[inline(always)]
+    pub fn cache(&mut self, key: &CacheKey, verdict: u8) {
+        self.cache_generation = key.generation;
+        self.cache_dir = key.dir;
+        self.cache_kind = cache_kind(key.family, key.proto);
+        self.cache_port = key.port;
+        self.cache_peer = key.addr;
+        self.cache_verdict = verdict;
+    }
+}
 
 /// Indexes of the per-CPU XDP counters. Stable codes.
 #[repr(u32)]
@@ -363,6 +480,10 @@ pub enum XdpStat {
     Audited = 8,
     /// Deny and audit events not sent because of sampling (per-CPU token bucket).
     EventSkipped = 9,
+    /// An IPv6 packet whose extension header chain the front door could not follow to the
+    /// transport header (more than `MAX_IPV6_EXT` headers, or deeper than `MAX_L4_OFFSET`
+    /// bytes): its destination port is unknown, so it could target any port: dropped.
+    DroppedUnparsed = 10,
 }
 
 /// Number of entries in the XDP statistics array (room to append codes).
@@ -546,6 +667,8 @@ mod pod {
     unsafe impl aya::Pod for RateKey {}
     unsafe impl aya::Pod for RateState {}
     unsafe impl aya::Pod for SocketOwner {}
+    unsafe impl aya::Pod for ReplyKey {}
+    unsafe impl aya::Pod for ReplyValue {}
 }
 
 #[cfg(test)]
@@ -601,6 +724,81 @@ mod tests {
         );
     }
 
+    fn key(family: u8, proto: Proto, addr: [u8; 16]) -> CacheKey {
+        CacheKey {
+            generation: 3,
+            dir: CACHE_EGRESS,
+            family,
+            proto,
+            port: 53,
+            addr,
+        }
+    }
+
+    #[test]
+    fn the_socket_cache_keys_on_family_protocol_address_port_direction_and_generation() {
+        let v4 = [127, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        let mut owner = SocketOwner::default();
+        let k = key(4, Proto::Udp, v4);
+        assert_eq!(owner.cached(&k), None, "an empty cache holds nothing");
+        owner.cache(&k, Verdict::Allow as u8);
+        assert_eq!(
+            owner.cached(&k),
+            Some(Verdict::Allow as u8),
+            "the same key hits"
+        );
+        // IPv6 7f00:1:: has the same 16 bytes as IPv4 127.0.0.1 in our encoding.
+        assert_eq!(owner.cached(&key(6, Proto::Udp, v4)), None, "other family");
+        assert_eq!(
+            owner.cached(&key(4, Proto::Tcp, v4)),
+            None,
+            "other protocol"
+        );
+        let mut other_addr = v4;
+        other_addr[15] = 1;
+        assert_eq!(
+            owner.cached(&key(4, Proto::Udp, other_addr)),
+            None,
+            "other address"
+        );
+        assert_eq!(
+            owner.cached(&CacheKey { port: 54, ..k }),
+            None,
+            "other port"
+        );
+        assert_eq!(
+            owner.cached(&CacheKey {
+                dir: CACHE_INGRESS,
+                ..k
+            }),
+            None,
+            "other direction"
+        );
+        assert_eq!(
+            owner.cached(&CacheKey { generation: 4, ..k }),
+            None,
+            "other generation"
+        );
+        // A socket storage written by an older program (kind 0) never hits.
+        let mut old = owner;
+        old.cache_kind = 0;
+        assert_eq!(old.cached(&k), None);
+    }
+
+    #[test]
+    fn reply_records_expire_and_die_with_their_generation() {
+        let v = ReplyValue {
+            seen_ns: 1_000,
+            generation: 5,
+            rule: 2,
+            _pad: 0,
+        };
+        assert!(reply_valid(&v, 5, 1_000));
+        assert!(reply_valid(&v, 5, 1_000 + REPLY_TTL_NS - 1));
+        assert!(!reply_valid(&v, 5, 1_000 + REPLY_TTL_NS), "expired");
+        assert!(!reply_valid(&v, 6, 1_000), "another generation");
+    }
+
     #[test]
     fn codes_are_stable() {
         assert_eq!(Hook::Connect4 as u8, 1);
@@ -610,6 +808,16 @@ mod tests {
         assert_eq!(Verdict::Audit as u8, 3);
         assert_eq!(Stat::EventLost as u32, 6);
         assert_eq!(Stat::RingFill as u32, 11);
+        assert_eq!(Stat::SkbUnparsedDropped as u32, 12);
+        assert_eq!(Stat::ReplyRecorded as u32, 14);
+        assert_eq!(XdpStat::DroppedUnparsed as u32, 10);
+        assert_eq!(
+            core::mem::size_of::<SocketOwner>(),
+            64,
+            "pinned socket storage layout"
+        );
+        assert_eq!(core::mem::size_of::<ReplyKey>(), 32);
+        assert_eq!(core::mem::size_of::<ReplyValue>(), 24);
         assert_eq!(NoticeKind::ExeReplaced as u16, 1);
         assert_eq!(NoticeKind::AccountChanged as u16, 7);
         for hook in Hook::ALL {

@@ -5,25 +5,27 @@ use aya_ebpf::{
     bindings::{bpf_sock, BPF_RB_AVAIL_DATA, BPF_SK_STORAGE_GET_F_CREATE},
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid,
-        generated::{bpf_get_current_cgroup_id, bpf_ktime_get_ns, bpf_sk_storage_get},
+        generated::{
+            bpf_get_current_cgroup_id, bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_sk_storage_get,
+        },
     },
     maps::lpm_trie::Key,
     programs::SockAddrContext,
 };
 use zt_common::{
-    DecisionEvent, DecisionKey, EventHeader, ExeKey, Hook, IdentityMask, Proto, RateKey, RateState,
-    RuleOfKey, SlotConfig, SocketOwner, Stat, Verdict, CACHE_EGRESS, EVENT_DECISION,
-    EVENT_RATE_PER_SEC, EVENT_VERSION, FLAG_GLOBAL_AUDIT, FLAG_LOG_ALLOWED, HOOK_CODES, INGRESS,
-    MAX_RULES, NET_CLASS_ANY4, NET_CLASS_ANY6, NET_CLASS_BIND, PORTS_PER_PROTO,
-    PORT_CLASS_ALL_ICMP, PORT_CLASS_ALL_OTHER, PORT_CLASS_ALL_TCP, PORT_CLASS_ALL_UDP,
-    RULE_DEFAULT, RULE_KIND_ALLOW, RULE_KIND_AUDIT_DENY, RULE_KIND_DENY, RULE_LOG_FLAG,
-    VERDICT_CODES,
+    reply_valid, CacheKey, DecisionEvent, DecisionKey, EventHeader, ExeKey, Hook, IdentityMask,
+    Proto, RateKey, RateState, ReplyKey, RuleOfKey, SlotConfig, SocketOwner, Stat, Verdict,
+    CACHE_EGRESS, EVENT_DECISION, EVENT_RATE_PER_SEC, EVENT_VERSION, FLAG_GLOBAL_AUDIT,
+    FLAG_LOG_ALLOWED, HOOK_CODES, INGRESS, MAX_RULES, NET_CLASS_ANY4, NET_CLASS_ANY6,
+    NET_CLASS_BIND, OWNER_ACTIVE_OPEN, PORTS_PER_PROTO, PORT_CLASS_ALL_ICMP, PORT_CLASS_ALL_OTHER,
+    PORT_CLASS_ALL_TCP, PORT_CLASS_ALL_UDP, RULE_DEFAULT, RULE_KIND_ALLOW, RULE_KIND_AUDIT_DENY,
+    RULE_KIND_DENY, RULE_LOG_FLAG, VERDICT_CODES,
 };
 
 use crate::{
     identity::{current_ancestor, Caller},
     maps::{
-        Slot, Slot0, Slot1, ACTIVE, EVENTS, EVENT_RATE, HOOK_VERDICTS, OWNERS, RULE_HITS,
+        Slot, Slot0, Slot1, ACTIVE, EVENTS, EVENT_RATE, HOOK_VERDICTS, OWNERS, REPLIES, RULE_HITS,
         SLOT_CONFIG, STATS,
     },
 };
@@ -89,6 +91,82 @@ impl Destination {
             addr,
             port: u16::from_be(user_port as u16),
             proto: proto_of(protocol),
+        }
+    }
+}
+
+impl Destination {
+    /// The cache key of a verdict for this destination.
+    #[inline(always)]
+    pub fn cache_key(&self, generation: u64, dir: u8) -> CacheKey {
+        CacheKey {
+            generation,
+            dir,
+            family: self.family,
+            proto: self.proto,
+            port: self.port,
+            addr: self.addr,
+        }
+    }
+
+    /// The reply record key of this destination as a peer of socket `cookie`.
+    #[inline(always)]
+    pub fn reply_key(&self, cookie: u64) -> ReplyKey {
+        ReplyKey {
+            cookie,
+            family: self.family,
+            proto: self.proto as u8,
+            port: self.port,
+            _pad: 0,
+            addr: self.addr,
+        }
+    }
+
+    #[inline(always)]
+    fn unspecified(&self) -> bool {
+        let mut i = 0;
+        while i < 16 {
+            if self.addr[i] != 0 {
+                return false;
+            }
+            i += 1;
+        }
+        self.port == 0
+    }
+}
+
+/// What a `sendmsg` hook judges. A send without an address reaches the hook as `0.0.0.0:0` /
+/// `[::]:0`: the kernel runs the hook for a *connected* UDP socket when the call carries a
+/// control message (`IP_TOS`, `UDP_SEGMENT`, `IP_PKTINFO`, `IPV6_TCLASS`, ...), and sends to
+/// the socket's connected peer — so that peer is what is judged, read from the socket itself
+/// (`bpf_sock` `dst_ip4`/`dst_ip6`/`dst_port`: kernel state set only by `connect()`, which
+/// the connect hooks judged; the caller cannot forge it). A socket that is not connected
+/// (`dst_port` 0) keeps the unspecified address, which no rule allows.
+#[inline(always)]
+pub fn sendmsg_destination(ctx: &SockAddrContext, dst: Destination, v6: bool) -> Destination {
+    if !dst.unspecified() {
+        return dst;
+    }
+    // SAFETY: sk of a sock_addr context is a valid full socket (PTR_TO_SOCKET); its
+    // dst_* fields are readable in sock_addr programs.
+    unsafe {
+        let sa = &*ctx.sock_addr;
+        let sk = sa.__bindgen_anon_1.sk;
+        let port = core::ptr::read_volatile(&(*sk).dst_port);
+        if port == 0 {
+            return dst;
+        }
+        if v6 {
+            let ip6 = [
+                core::ptr::read_volatile(&(*sk).dst_ip6[0]),
+                core::ptr::read_volatile(&(*sk).dst_ip6[1]),
+                core::ptr::read_volatile(&(*sk).dst_ip6[2]),
+                core::ptr::read_volatile(&(*sk).dst_ip6[3]),
+            ];
+            Destination::v6(ip6, port as u32, sa.protocol)
+        } else {
+            let ip4 = core::ptr::read_volatile(&(*sk).dst_ip4);
+            Destination::v4(ip4, port as u32, sa.protocol)
         }
     }
 }
@@ -178,12 +256,14 @@ fn owner_of(ctx: &SockAddrContext) -> Option<&'static mut SocketOwner> {
 /// Remember who uses this socket, for the packet hooks.
 /// `judged`: the egress verdict just made for a peer, stored as the socket's cached packet
 /// verdict so that the packets of this call are not judged (and reported) a second time.
+/// `active_open`: a TCP connect (or TCP Fast Open send): the socket is a client from now on.
 #[inline(always)]
 fn record_owner(
     ctx: &SockAddrContext,
     caller: &Caller,
     bound_port: u16,
     judged: Option<(&Destination, Verdict, u64)>,
+    active_open: bool,
 ) {
     if let Some(owner) = owner_of(ctx) {
         owner.exe = caller.exe;
@@ -194,13 +274,12 @@ fn record_owner(
         if bound_port != 0 {
             owner.bound_port = bound_port;
         }
+        if active_open {
+            owner.flags |= OWNER_ACTIVE_OPEN;
+        }
         match judged {
             Some((dst, verdict, generation)) => {
-                owner.cache_generation = generation;
-                owner.cache_dir = CACHE_EGRESS;
-                owner.cache_port = dst.port;
-                owner.cache_peer = dst.addr;
-                owner.cache_verdict = verdict as u8;
+                owner.cache(&dst.cache_key(generation, CACHE_EGRESS), verdict as u8);
             }
             None => owner.cache_dir = 0,
         }
@@ -443,9 +522,10 @@ fn judge_in<S: Slot>(ctx: &SockAddrContext, hook: Hook, dst: &Destination) -> i3
     let (mut verdict, mut rule) =
         decide::<S>(cfg, ids, dst, 0, true).unwrap_or((Verdict::Deny, RULE_DEFAULT));
     if rule == RULE_DEFAULT && verdict != Verdict::Allow {
-        // A server answering on the port it bound: a reply to a peer its ingress rules
-        // admit is not new egress.
-        if let Some(reply) = serving_reply::<S>(ctx, cfg, ids, dst) {
+        // A UDP server answering a peer that sent to this very socket first (within
+        // REPLY_TTL_NS, in this generation) is not new egress. Nothing else a bound socket
+        // sends is: a listening grant is not an egress grant.
+        if let Some(reply) = recorded_reply(ctx, cfg.generation, dst) {
             (verdict, rule) = reply;
         }
     }
@@ -457,7 +537,15 @@ fn judge_in<S: Slot>(ctx: &SockAddrContext, hook: Hook, dst: &Destination) -> i3
     if verdict == Verdict::Deny {
         SOCK_ADDR_REJECT
     } else {
-        record_owner(ctx, &caller, 0, Some((dst, verdict, cfg.generation)));
+        let active_open =
+            dst.proto == Proto::Tcp && matches!(hook, Hook::Connect4 | Hook::Connect6);
+        record_owner(
+            ctx,
+            &caller,
+            0,
+            Some((dst, verdict, cfg.generation)),
+            active_open,
+        );
         SOCK_ADDR_PROCEED
     }
 }
@@ -480,35 +568,35 @@ pub const NO_LOCAL: Local = Local {
     port: 0,
 };
 
-/// If this socket serves a port it bound, the ingress verdict for `dst` as a peer of that
-/// port, when an ingress rule allows it.
+/// If `dst` sent a datagram to this UDP socket first (a valid reply record), the verdict
+/// for answering it: allowed by the ingress rule that admitted the datagram.
 #[inline(always)]
-fn serving_reply<S: Slot>(
+fn recorded_reply(
     ctx: &SockAddrContext,
-    cfg: &SlotConfig,
-    ids: IdentityMask,
+    generation: u64,
     dst: &Destination,
 ) -> Option<(Verdict, u32)> {
-    // SAFETY: sk of a sock_addr context is a valid full socket; no storage is created.
-    let owner = unsafe {
-        let sk = (*ctx.sock_addr).__bindgen_anon_1.sk;
-        bpf_sk_storage_get(OWNERS.as_ptr(), sk.cast(), core::ptr::null_mut(), 0)
-    } as *const SocketOwner;
-    // SAFETY: a non-null pointer from the helper points at this socket's storage.
-    let bound_port = unsafe { owner.as_ref() }?.bound_port;
-    if bound_port == 0 {
+    if dst.proto != Proto::Udp {
         return None;
     }
-    let peer = Destination {
-        family: dst.family,
-        addr: dst.addr,
-        port: bound_port,
-        proto: dst.proto,
-    };
-    match decide::<S>(cfg, ids, &peer, INGRESS, false) {
-        Some((Verdict::Allow, rule)) => Some((Verdict::Allow, rule)),
-        _ => None,
+    // SAFETY: a sock_addr context is a valid argument of the helper.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
+    reply_recorded(cookie, generation, dst)
+}
+
+/// The rule of a valid reply record of socket `cookie` for peer `peer`, counted.
+#[inline(always)]
+pub fn reply_recorded(cookie: u64, generation: u64, peer: &Destination) -> Option<(Verdict, u32)> {
+    let key = peer.reply_key(cookie);
+    // SAFETY: pointer from a successful lookup; read, not kept.
+    let record = unsafe { *REPLIES.get_ptr(key)? };
+    // SAFETY: plain helper call.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if !reply_valid(&record, generation, now) {
+        return None;
     }
+    count(Stat::ReplyAllowed);
+    Some((Verdict::Allow, record.rule))
 }
 
 #[inline(always)]
@@ -555,7 +643,7 @@ fn judge_bind_in<S: Slot>(ctx: &SockAddrContext, hook: Hook, dst: &Destination) 
     if verdict == Verdict::Deny {
         SOCK_ADDR_REJECT
     } else {
-        record_owner(ctx, &caller, dst.port, None);
+        record_owner(ctx, &caller, dst.port, None, false);
         SOCK_ADDR_PROCEED
     }
 }

@@ -10,10 +10,10 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use zt_common::{
-    ActiveSlot, DecisionKey, DecisionValue, ExeKey, IdentityMask, RateKey, RateState, RuleOfKey,
-    SlotConfig, SocketOwner, EVENT_RING_BYTES, HOOK_CODES, MAX_CGROUPS, MAX_DECISIONS, MAX_EXES,
-    MAX_GIDS, MAX_NET4, MAX_NET6, MAX_RATE_KEYS, MAX_RULES, MAX_RULE_OF, MAX_UIDS, PORTS_PER_PROTO,
-    PORT_PROTOS, SLOTS, STAT_COUNT, VERDICT_CODES,
+    ActiveSlot, DecisionKey, DecisionValue, ExeKey, IdentityMask, RateKey, RateState, ReplyKey,
+    ReplyValue, RuleOfKey, SlotConfig, SocketOwner, EVENT_RING_BYTES, HOOK_CODES, MAX_CGROUPS,
+    MAX_DECISIONS, MAX_EXES, MAX_GIDS, MAX_NET4, MAX_NET6, MAX_RATE_KEYS, MAX_REPLIES, MAX_RULES,
+    MAX_RULE_OF, MAX_UIDS, PORTS_PER_PROTO, PORT_PROTOS, SLOTS, STAT_COUNT, VERDICT_CODES,
 };
 
 /// Which slot decides now (one entry).
@@ -43,6 +43,11 @@ pub static EVENTS: RingBuf = RingBuf::pinned(EVENT_RING_BYTES, 0);
 /// Event rate limiter per (identity, peer, hook, verdict): least recently used keys go first.
 #[map]
 pub static EVENT_RATE: LruHashMap<RateKey, RateState> = LruHashMap::pinned(MAX_RATE_KEYS, 0);
+
+/// Peers that sent to a serving UDP socket, which it may answer (see `zt_common::ReplyKey`):
+/// least recently used records are evicted first.
+#[map]
+pub static REPLIES: LruHashMap<ReplyKey, ReplyValue> = LruHashMap::pinned(MAX_REPLIES, 0);
 
 /// Socket storage: who owns each guarded socket (see `zt_common::SocketOwner`). Declared by
 /// hand as a BTF map so that it can carry `BPF_F_CLONE`: accepted sockets inherit their

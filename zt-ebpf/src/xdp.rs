@@ -21,10 +21,17 @@
 //! the authority: the front door is an early-drop optimisation, never the only guard. It
 //! works per interface, for every process of the host (guarded or not, packet sockets too):
 //! ports that unguarded services must receive need ingress rules (e.g. DHCP's udp/68).
-//! ICMP/ICMPv6, non-IP frames (ARP), IP protocols without ports, fragments after the first,
-//! more than two VLAN tags and IPv6 header chains longer than [`MAX_IPV6_EXT`] headers or
-//! [`MAX_L4_OFFSET`] bytes pass unjudged ([`XdpStat::PassedNotJudged`]). No readable policy
-//! (no active slot, generation 0) passes too ([`XdpStat::NoPolicy`]).
+//! 3. **Unparsed.** An IPv6 packet whose extension header chain the parser cannot follow to
+//!    the transport header — more than [`MAX_IPV6_EXT`] extension headers, or a transport
+//!    header deeper than [`MAX_L4_OFFSET`] bytes into the frame — has an unknown destination
+//!    port, so it could target any port an ingress rule opens (or an ephemeral one): it is
+//!    dropped ([`XdpStat::DroppedUnparsed`]) whatever the policy, except that a policy that
+//!    can audit passes it counted as audited (as a closed port). The `cgroup_skb` hooks
+//!    drop such packets too (they follow up to `MAX_SKB_IPV6_EXT` headers).
+//!
+//! ICMP/ICMPv6, non-IP frames (ARP), IP protocols without ports, fragments after the first
+//! and more than two VLAN tags pass unjudged ([`XdpStat::PassedNotJudged`]). No readable
+//! policy (no active slot, generation 0) passes too ([`XdpStat::NoPolicy`]).
 //!
 //! **Parsing.** Every read is bounds-checked against `data_end` and against the IP packet's
 //! own length; a truncated or inconsistent header (Ethernet, VLAN, IPv4 with IHL < 5 or a
@@ -129,6 +136,8 @@ enum Parsed {
     Judge(Packet),
     NotJudged,
     Malformed,
+    /// An IPv6 extension header chain not followed to its end: family 6 and the source.
+    Unparsed([u8; 16]),
 }
 
 /// `N` bytes at `off` from the start of the frame, if they lie within both the frame
@@ -284,12 +293,12 @@ fn parse_ipv6(ctx: &XdpContext, l3: usize, frame: usize) -> Parsed {
             return Parsed::Malformed;
         }
         if off > MAX_L4_OFFSET {
-            return Parsed::NotJudged;
+            return Parsed::Unparsed(src);
         }
         n += 1;
     }
     if is_ipv6_ext(next) {
-        return Parsed::NotJudged;
+        return Parsed::Unparsed(src);
     }
     // ::ffff:a.b.c.d is judged as a.b.c.d.
     let mapped = src[0] == 0
@@ -369,6 +378,22 @@ pub fn xdp_front(ctx: XdpContext) -> u32 {
         Parsed::Malformed => {
             stats.count(XdpStat::DroppedMalformed);
             return xdp_action::XDP_DROP;
+        }
+        Parsed::Unparsed(src) => {
+            let pkt = Packet {
+                family: 6,
+                src,
+                dport: 0,
+                proto: Proto::Other,
+            };
+            return match ACTIVE.get(0) {
+                None => {
+                    stats.count(XdpStat::NoPolicy);
+                    xdp_action::XDP_PASS
+                }
+                Some(active) if active.slot == 0 => unparsed::<Slot0>(&pkt, &stats),
+                Some(_) => unparsed::<Slot1>(&pkt, &stats),
+            };
         }
     };
     match ACTIVE.get(0) {
@@ -533,6 +558,27 @@ fn judge_in<S: Slot>(pkt: &Packet, stats: &Stats) -> u32 {
         }
         None => stats.count(XdpStat::Passed),
     }
+    xdp_action::XDP_PASS
+}
+
+/// A packet whose destination port is unknown: dropped unless the policy can audit.
+#[inline(always)]
+fn unparsed<S: Slot>(pkt: &Packet, stats: &Stats) -> u32 {
+    let Some(cfg) = SLOT_CONFIG.get(S::INDEX) else {
+        stats.count(XdpStat::NoPolicy);
+        return xdp_action::XDP_PASS;
+    };
+    if cfg.generation == 0 {
+        stats.count(XdpStat::NoPolicy);
+        return xdp_action::XDP_PASS;
+    }
+    if cfg.flags & FLAG_GLOBAL_AUDIT == 0 && cfg.audit_identities == 0 {
+        stats.count(XdpStat::DroppedUnparsed);
+        report(Verdict::Deny, RULE_DEFAULT, cfg, pkt, stats);
+        return xdp_action::XDP_DROP;
+    }
+    stats.count(XdpStat::Audited);
+    report(Verdict::Audit, RULE_DEFAULT, cfg, pkt, stats);
     xdp_action::XDP_PASS
 }
 

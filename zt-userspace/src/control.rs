@@ -80,6 +80,18 @@ pub struct Decisions {
     pub rule_unknown: u64,
     pub events_sent: u64,
     pub events_lost: u64,
+    /// cgroup_skb packets dropped because zt could not parse their headers to the end.
+    #[serde(default)]
+    pub unparsed_dropped: u64,
+    /// cgroup_skb packets dropped by the backstop's verdict.
+    #[serde(default)]
+    pub backstop_dropped: u64,
+    /// Sends of serving UDP sockets allowed as answers to a peer that sent first, and the
+    /// reply records written for them.
+    #[serde(default)]
+    pub replies_allowed: u64,
+    #[serde(default)]
+    pub replies_recorded: u64,
 }
 
 /// Event pipeline accounting. Once the daemon has drained the ring buffer,

@@ -797,6 +797,10 @@ impl State {
                 rule_unknown: stat(Stat::RuleUnknown),
                 events_sent: stat(Stat::EventSent),
                 events_lost: stat(Stat::EventLost),
+                unparsed_dropped: stat(Stat::SkbUnparsedDropped),
+                backstop_dropped: stat(Stat::SkbDropped),
+                replies_allowed: stat(Stat::ReplyAllowed),
+                replies_recorded: stat(Stat::ReplyRecorded),
             },
             cgroup: self.opts.cgroup.clone(),
             bpffs: self.opts.bpffs.clone(),
@@ -1349,7 +1353,7 @@ fn snapshot(state: &Arc<Mutex<State>>, history: &Arc<Mutex<History>>) -> Metrics
         decisions.push((
             "deny".into(),
             "xdp".into(),
-            c.dropped_deny_list + c.dropped_closed_port + c.dropped_malformed,
+            c.dropped_deny_list + c.dropped_closed_port + c.dropped_malformed + c.dropped_unparsed,
         ));
         decisions.push(("audit".into(), "xdp".into(), c.audited));
     }
@@ -1376,6 +1380,10 @@ fn snapshot(state: &Arc<Mutex<State>>, history: &Arc<Mutex<History>>) -> Metrics
             ("no_policy".into(), st.decisions.no_policy),
             ("exe_unreadable".into(), st.decisions.exe_unreadable),
             ("rule_unknown".into(), st.decisions.rule_unknown),
+        ],
+        drops: vec![
+            ("unparsed".into(), st.decisions.unparsed_dropped),
+            ("backstop".into(), st.decisions.backstop_dropped),
         ],
         generation: st.generation,
         healthy: st.healthy,

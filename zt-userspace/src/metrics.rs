@@ -71,6 +71,10 @@ pub struct MetricsSnapshot {
     /// Kernel error paths: `(kind, count)`, e.g. `("no_policy", 0)`, `("exe_unreadable", 2)`,
     /// `("rule_unknown", 0)`, `("skb_unparsed", 0)`. → `zt_kernel_errors_total{kind}`.
     pub kernel_errors: Vec<(String, u64)>,
+    /// Packets the `cgroup_skb` hooks dropped, by reason: `("unparsed", n)` (headers zt could
+    /// not parse to the end), `("backstop", n)` (the backstop's verdict).
+    /// → `zt_drops_total{reason}`.
+    pub drops: Vec<(String, u64)>,
     /// XDP front door: `(interface, outcome, packets)`, outcome e.g. `passed`,
     /// `dropped_deny_list`, `dropped_closed_port`, `dropped_malformed`, `audited`.
     /// → `zt_xdp_packets_total{interface,outcome}`.
@@ -207,6 +211,17 @@ fn build(s: &MetricsSnapshot) -> Result<String, prometheus::Error> {
     )?;
     for (kind, n) in &s.kernel_errors {
         errors.with_label_values(&[kind]).inc_by(*n);
+    }
+
+    let drops = counter_vec(
+        &r,
+        "zt_drops_total",
+        "Packets dropped by the cgroup_skb hooks, by reason (unparsed: headers zt could not \
+         parse to the end; backstop: the backstop's verdict).",
+        &["reason"],
+    )?;
+    for (reason, n) in &s.drops {
+        drops.with_label_values(&[reason]).inc_by(*n);
     }
 
     let xdp = counter_vec(
@@ -420,6 +435,7 @@ mod tests {
             ring_fill_bytes: 0,
             ring_size_bytes: 1 << 22,
             kernel_errors: vec![("no_policy".into(), 0), ("exe_unreadable".into(), 2)],
+            drops: vec![("unparsed".into(), 3)],
             xdp_packets: vec![("eth0".into(), "dropped_closed_port".into(), 17)],
             generation: 3,
             healthy: true,
@@ -486,6 +502,7 @@ mod tests {
             ("zt_follower_missed_total{}", 6.0, true),
             ("zt_kernel_errors_total{kind=no_policy}", 0.0, true),
             ("zt_kernel_errors_total{kind=exe_unreadable}", 2.0, true),
+            ("zt_drops_total{reason=unparsed}", 3.0, true),
             (
                 "zt_xdp_packets_total{interface=eth0,outcome=dropped_closed_port}",
                 17.0,

@@ -156,6 +156,9 @@ pub struct XdpCounters {
     pub dropped_closed_port: u64,
     /// Truncated or inconsistent headers.
     pub dropped_malformed: u64,
+    /// IPv6 extension header chains not followed to the transport header.
+    #[serde(default)]
+    pub dropped_unparsed: u64,
     /// Not judged here (non-IP, ICMP, later fragments, ...): left to the stack.
     pub passed_not_judged: u64,
     /// No readable policy: passed.
@@ -177,6 +180,7 @@ impl XdpCounters {
             dropped_deny_list: at(XdpStat::DroppedDenyList),
             dropped_closed_port: at(XdpStat::DroppedClosedPort),
             dropped_malformed: at(XdpStat::DroppedMalformed),
+            dropped_unparsed: at(XdpStat::DroppedUnparsed),
             passed_not_judged: at(XdpStat::PassedNotJudged),
             no_policy: at(XdpStat::NoPolicy),
             audited: at(XdpStat::Audited),
@@ -192,6 +196,7 @@ impl XdpCounters {
             + self.dropped_deny_list
             + self.dropped_closed_port
             + self.dropped_malformed
+            + self.dropped_unparsed
             + self.passed_not_judged
             + self.no_policy
             + self.audited

@@ -33,6 +33,30 @@ enum Proto {
     Udp,
 }
 
+/// A control message sent with every datagram of `hold --cmsg`.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Cmsg {
+    /// None: plain `send()`.
+    None,
+    /// `IP_TOS` / `IPV6_TCLASS` (ECN bits, as QUIC stacks send).
+    Tos,
+    /// `UDP_SEGMENT` (GSO) with a segment size larger than the datagram.
+    Gso,
+    /// `IP_PKTINFO` / `IPV6_PKTINFO` with no source or interface.
+    Pktinfo,
+}
+
+/// What `bound` does from its bound socket.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum BoundOp {
+    /// `connect()` then send and wait for the echo.
+    Connect,
+    /// UDP: `sendto()` and wait for the echo.
+    Sendto,
+    /// TCP: `sendto(MSG_FASTOPEN)` (TCP Fast Open) and wait for the echo.
+    Fastopen,
+}
+
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum FloodOp {
     Connect,
@@ -147,6 +171,68 @@ enum Cmd {
         addr: SocketAddr,
         #[arg(long)]
         cgroup: Option<PathBuf>,
+        /// Bind this local port (SO_REUSEADDR) before connecting.
+        #[arg(long, default_value_t = 0)]
+        bind_port: u16,
+        /// Send every datagram with `sendmsg()` and this control message.
+        #[arg(long, value_enum, default_value = "none")]
+        cmsg: Cmsg,
+    },
+    /// Bind a TCP or UDP socket (SO_REUSEADDR) to PORT on the unspecified address of ADDR's
+    /// family, then reach ADDR from it (`--op`), send 4 bytes and wait for their echo; print
+    /// the outcome. A server's listening port used as a client's source port.
+    Bound {
+        #[arg(long)]
+        proto: Proto,
+        #[arg(long)]
+        port: u16,
+        #[arg(long)]
+        addr: SocketAddr,
+        #[arg(long, value_enum, default_value = "connect")]
+        op: BoundOp,
+        #[arg(long)]
+        cgroup: Option<PathBuf>,
+    },
+    /// Receive UDP on BIND (an IPv6 address binds dual-stack: IPV6_V6ONLY off) without
+    /// answering: print `ready PORT`, then `got SRC PAYLOAD` per datagram.
+    Recv {
+        #[arg(long)]
+        bind: SocketAddr,
+        #[arg(long)]
+        netns: Option<PathBuf>,
+        #[arg(long)]
+        cgroup: Option<PathBuf>,
+    },
+    /// Send one UDP datagram with PAYLOAD from SRC (port 0) to ADDR without waiting for
+    /// anything; print the outcome.
+    SendUdp {
+        #[arg(long)]
+        src: std::net::IpAddr,
+        #[arg(long)]
+        addr: SocketAddr,
+        #[arg(long)]
+        payload: String,
+        #[arg(long)]
+        netns: Option<PathBuf>,
+        #[arg(long)]
+        cgroup: Option<PathBuf>,
+    },
+    /// Send one hand-built IPv6 UDP datagram with PAYLOAD from SRC to DST:PORT, with EXT
+    /// destination-options extension headers (8 bytes each) before the UDP header, on a raw
+    /// socket (IPPROTO_RAW: the header is ours); print the outcome.
+    SendExt6 {
+        #[arg(long)]
+        src: std::net::Ipv6Addr,
+        #[arg(long)]
+        dst: std::net::Ipv6Addr,
+        #[arg(long)]
+        port: u16,
+        #[arg(long)]
+        ext: u8,
+        #[arg(long)]
+        payload: String,
+        #[arg(long)]
+        netns: Option<PathBuf>,
     },
     /// Echo on TCP and UDP at `port` for every `bind` address; print `ready PORT...`.
     Serve {
@@ -408,12 +494,74 @@ fn main() {
             }
             println!("{}", pass_fd(addr, to_uid));
         }
-        Cmd::Hold { addr, cgroup } => {
+        Cmd::Hold {
+            addr,
+            cgroup,
+            bind_port,
+            cmsg,
+        } => {
             if let Err(e) = enter(cgroup, None, None, None, None) {
                 println!("error:setup:{e}");
                 return;
             }
-            hold(addr);
+            hold(addr, bind_port, cmsg);
+        }
+        Cmd::Bound {
+            proto,
+            port,
+            addr,
+            op,
+            cgroup,
+        } => {
+            if let Err(e) = enter(cgroup, None, None, None, None) {
+                println!("error:setup:{e}");
+                return;
+            }
+            println!("{}", outcome(bound(proto, port, addr, op)));
+        }
+        Cmd::Recv {
+            bind,
+            netns,
+            cgroup,
+        } => {
+            if let Err(e) = enter(cgroup, netns, None, None, None) {
+                println!("error:setup:{e}");
+                return;
+            }
+            recv(bind);
+        }
+        Cmd::SendUdp {
+            src,
+            addr,
+            payload,
+            netns,
+            cgroup,
+        } => {
+            if let Err(e) = enter(cgroup, netns, None, None, None) {
+                println!("error:setup:{e}");
+                return;
+            }
+            let r = UdpSocket::bind(SocketAddr::new(src, 0))
+                .and_then(|s| s.send_to(payload.as_bytes(), addr))
+                .map(drop);
+            println!("{}", outcome(r));
+        }
+        Cmd::SendExt6 {
+            src,
+            dst,
+            port,
+            ext,
+            payload,
+            netns,
+        } => {
+            if let Err(e) = enter(None, netns, None, None, None) {
+                println!("error:setup:{e}");
+                return;
+            }
+            println!(
+                "{}",
+                outcome(send_ext6(src, dst, port, ext, payload.as_bytes()))
+            );
         }
         Cmd::Serve {
             bind,
@@ -1131,13 +1279,8 @@ fn checksum(data: &[u8]) -> u16 {
 }
 
 /// Connect now; send later, once per stdin line.
-fn hold(addr: SocketAddr) {
-    let local = if addr.is_ipv4() {
-        "0.0.0.0:0"
-    } else {
-        "[::]:0"
-    };
-    let sock = match UdpSocket::bind(local).and_then(|s| s.connect(addr).map(|()| s)) {
+fn hold(addr: SocketAddr, bind_port: u16, cmsg: Cmsg) {
+    let sock = match held_socket(addr, bind_port) {
         Ok(s) => s,
         Err(e) => {
             println!("{}", outcome(Err(e)));
@@ -1154,7 +1297,7 @@ fn hold(addr: SocketAddr) {
         .unwrap_or(false)
     {
         line.clear();
-        let r = sock.send(b"ping").and_then(|_| {
+        let r = send_with(&sock, addr.is_ipv6(), cmsg).and_then(|_| {
             let mut buf = [0u8; 4];
             let n = sock.recv(&mut buf)?;
             expect_echo(&buf[..n])
@@ -1162,6 +1305,259 @@ fn hold(addr: SocketAddr) {
         println!("{}", outcome(r));
         let _ = std::io::stdout().flush();
     }
+}
+
+fn held_socket(addr: SocketAddr, bind_port: u16) -> std::io::Result<UdpSocket> {
+    let domain = if addr.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
+    let fd = socket(domain, libc::SOCK_DGRAM)?;
+    let local = if addr.is_ipv4() {
+        SocketAddr::from(([0, 0, 0, 0], bind_port))
+    } else {
+        SocketAddr::from(([0u16; 8], bind_port))
+    };
+    bind_fd(&fd, local)?;
+    let sock = UdpSocket::from(fd);
+    sock.connect(addr)?;
+    Ok(sock)
+}
+
+/// `send()` of "ping" on a connected socket, with one control message.
+fn send_with(sock: &UdpSocket, v6: bool, cmsg: Cmsg) -> std::io::Result<usize> {
+    use std::os::fd::AsRawFd;
+    let (level, kind, data): (i32, i32, Vec<u8>) = match (cmsg, v6) {
+        (Cmsg::None, _) => return sock.send(b"ping"),
+        (Cmsg::Tos, false) => (libc::IPPROTO_IP, libc::IP_TOS, 1i32.to_ne_bytes().to_vec()),
+        (Cmsg::Tos, true) => (
+            libc::IPPROTO_IPV6,
+            libc::IPV6_TCLASS,
+            1i32.to_ne_bytes().to_vec(),
+        ),
+        (Cmsg::Gso, _) => (
+            libc::SOL_UDP,
+            libc::UDP_SEGMENT,
+            1200u16.to_ne_bytes().to_vec(),
+        ),
+        (Cmsg::Pktinfo, false) => (
+            libc::IPPROTO_IP,
+            libc::IP_PKTINFO,
+            vec![0u8; std::mem::size_of::<libc::in_pktinfo>()],
+        ),
+        (Cmsg::Pktinfo, true) => (
+            libc::IPPROTO_IPV6,
+            libc::IPV6_PKTINFO,
+            vec![0u8; std::mem::size_of::<libc::in6_pktinfo>()],
+        ),
+    };
+    // SAFETY: CMSG_SPACE is a pure size computation.
+    let space = unsafe { libc::CMSG_SPACE(data.len() as u32) } as usize;
+    let mut control = vec![0u8; space];
+    let mut payload = *b"ping";
+    let mut iov = libc::iovec {
+        iov_base: payload.as_mut_ptr().cast(),
+        iov_len: payload.len(),
+    };
+    // SAFETY: msghdr is plain data; every pointer set below outlives the sendmsg call.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = space as _;
+    // SAFETY: the control buffer holds one cmsg of CMSG_SPACE(len) bytes.
+    unsafe {
+        let c = libc::CMSG_FIRSTHDR(&msg);
+        (*c).cmsg_level = level;
+        (*c).cmsg_type = kind;
+        (*c).cmsg_len = libc::CMSG_LEN(data.len() as u32) as _;
+        std::ptr::copy_nonoverlapping(data.as_ptr(), libc::CMSG_DATA(c), data.len());
+    }
+    // SAFETY: valid fd and msghdr (no name: the connected peer).
+    let n = unsafe { libc::sendmsg(sock.as_raw_fd(), &msg, 0) };
+    if n < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+/// See `Cmd::Bound`.
+fn bound(proto: Proto, port: u16, addr: SocketAddr, op: BoundOp) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let domain = if addr.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
+    let local = if addr.is_ipv4() {
+        SocketAddr::from(([0, 0, 0, 0], port))
+    } else {
+        SocketAddr::from(([0u16; 8], port))
+    };
+    match proto {
+        Proto::Udp => {
+            let fd = socket(domain, libc::SOCK_DGRAM)?;
+            bind_fd(&fd, local)?;
+            let s = UdpSocket::from(fd);
+            s.set_read_timeout(Some(TIMEOUT))?;
+            match op {
+                BoundOp::Connect => {
+                    s.connect(addr)?;
+                    s.send(b"ping")?;
+                }
+                _ => {
+                    s.send_to(b"ping", addr)?;
+                }
+            }
+            let mut buf = [0u8; 4];
+            let n = s.recv(&mut buf)?;
+            expect_echo(&buf[..n])
+        }
+        Proto::Tcp => {
+            let fd = socket(domain, libc::SOCK_STREAM)?;
+            bind_fd(&fd, local)?;
+            let sa = nix::sys::socket::SockaddrStorage::from(addr);
+            if op == BoundOp::Fastopen {
+                let payload = b"ping";
+                // SAFETY: valid fd, buffer and address.
+                let n = unsafe {
+                    libc::sendto(
+                        fd.as_raw_fd(),
+                        payload.as_ptr().cast(),
+                        payload.len(),
+                        libc::MSG_FASTOPEN,
+                        nix::sys::socket::SockaddrLike::as_ptr(&sa),
+                        nix::sys::socket::SockaddrLike::len(&sa),
+                    )
+                };
+                if n < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                let mut s = TcpStream::from(fd);
+                s.set_read_timeout(Some(TIMEOUT))?;
+                let mut buf = [0u8; 4];
+                s.read_exact(&mut buf)?;
+                return expect_echo(&buf);
+            }
+            nix::sys::socket::connect(fd.as_raw_fd(), &sa)?;
+            let mut s = TcpStream::from(fd);
+            s.set_read_timeout(Some(TIMEOUT))?;
+            s.write_all(b"ping")?;
+            let mut buf = [0u8; 4];
+            s.read_exact(&mut buf)?;
+            expect_echo(&buf)
+        }
+    }
+}
+
+/// See `Cmd::Recv`.
+fn recv(bind: SocketAddr) {
+    let domain = if bind.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
+    let sock = socket(domain, libc::SOCK_DGRAM).and_then(|fd| {
+        if domain == libc::AF_INET6 {
+            nix::sys::socket::setsockopt(&fd, nix::sys::socket::sockopt::Ipv6V6Only, &false)?;
+        }
+        bind_fd(&fd, bind)?;
+        Ok(UdpSocket::from(fd))
+    });
+    let sock = match sock {
+        Ok(s) => s,
+        Err(e) => {
+            println!("{}", outcome(Err(e)));
+            return;
+        }
+    };
+    let port = sock.local_addr().map(|a| a.port()).unwrap_or(0);
+    println!("ready {port}");
+    let _ = std::io::stdout().flush();
+    let mut buf = [0u8; 256];
+    while let Ok((n, from)) = sock.recv_from(&mut buf) {
+        let ip = match from.ip() {
+            std::net::IpAddr::V6(v6) => v6
+                .to_ipv4_mapped()
+                .map(std::net::IpAddr::V4)
+                .unwrap_or(std::net::IpAddr::V6(v6)),
+            v4 => v4,
+        };
+        println!("got {ip} {}", String::from_utf8_lossy(&buf[..n]));
+        let _ = std::io::stdout().flush();
+    }
+}
+
+/// See `Cmd::SendExt6`.
+fn send_ext6(
+    src: std::net::Ipv6Addr,
+    dst: std::net::Ipv6Addr,
+    port: u16,
+    ext: u8,
+    payload: &[u8],
+) -> std::io::Result<()> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    const DSTOPTS: u8 = 60;
+    const UDP: u8 = 17;
+    let udp_len = 8 + payload.len();
+    let mut udp = Vec::with_capacity(udp_len);
+    udp.extend_from_slice(&40000u16.to_be_bytes());
+    udp.extend_from_slice(&port.to_be_bytes());
+    udp.extend_from_slice(&(udp_len as u16).to_be_bytes());
+    udp.extend_from_slice(&[0, 0]);
+    udp.extend_from_slice(payload);
+    // Checksum over the pseudo-header (addresses, length, next header 17) and the datagram.
+    let mut pseudo = Vec::new();
+    pseudo.extend_from_slice(&src.octets());
+    pseudo.extend_from_slice(&dst.octets());
+    pseudo.extend_from_slice(&(udp_len as u32).to_be_bytes());
+    pseudo.extend_from_slice(&[0, 0, 0, UDP]);
+    pseudo.extend_from_slice(&udp);
+    let sum = match checksum(&pseudo) {
+        0 => 0xffff,
+        s => s,
+    };
+    udp[6..8].copy_from_slice(&sum.to_be_bytes());
+    let mut chain = Vec::new();
+    for i in 0..ext {
+        let next = if i + 1 == ext { UDP } else { DSTOPTS };
+        // Next header, length 0 (8 bytes), PadN option of 4 bytes.
+        chain.extend_from_slice(&[next, 0, 1, 4, 0, 0, 0, 0]);
+    }
+    let first = if ext == 0 { UDP } else { DSTOPTS };
+    let plen = chain.len() + udp.len();
+    let mut pkt = vec![0x60, 0, 0, 0];
+    pkt.extend_from_slice(&(plen as u16).to_be_bytes());
+    pkt.extend_from_slice(&[first, 64]);
+    pkt.extend_from_slice(&src.octets());
+    pkt.extend_from_slice(&dst.octets());
+    pkt.extend_from_slice(&chain);
+    pkt.extend_from_slice(&udp);
+    // SAFETY: plain socket(2); owned right away.
+    let fd = unsafe { libc::socket(libc::AF_INET6, libc::SOCK_RAW, libc::IPPROTO_RAW) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fd is a new, valid descriptor.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let to = nix::sys::socket::SockaddrStorage::from(SocketAddr::from((dst, 0)));
+    // SAFETY: valid fd, buffer and address.
+    let n = unsafe {
+        libc::sendto(
+            fd.as_raw_fd(),
+            pkt.as_ptr().cast(),
+            pkt.len(),
+            0,
+            nix::sys::socket::SockaddrLike::as_ptr(&to),
+            nix::sys::socket::SockaddrLike::len(&to),
+        )
+    };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// See `Cmd::PassFd`. Single-threaded until the fork, so forking is sound.

@@ -267,6 +267,10 @@ fn print_status(st: &Status) {
         "decisions   allowed {}  denied {}  audited {}  (no policy {}, exe unreadable {}, events lost {})",
         d.allowed, d.denied, d.audited, d.no_policy, d.exe_unreadable, d.events_lost
     );
+    println!(
+        "packets     dropped: backstop {}  unparsed {}   replies allowed {} (peers recorded {})",
+        d.backstop_dropped, d.unparsed_dropped, d.replies_allowed, d.replies_recorded
+    );
     let e = &st.events;
     println!(
         "events      produced {}  delivered {}  lost (kernel {}, daemon {})  suppressed {}  ring {} / {} bytes  history {} / {}",
@@ -405,11 +409,12 @@ fn print_xdp(xdp: &[zt::xdp::XdpStatus]) {
         );
         let c = &x.counters;
         println!(
-            "  passed {}  dropped: deny list {}, closed port {}, malformed {}  not judged {}  audited {}  no policy {}  (events sent {}, skipped {}, lost {})",
+            "  passed {}  dropped: deny list {}, closed port {}, malformed {}, unparsed {}  not judged {}  audited {}  no policy {}  (events sent {}, skipped {}, lost {})",
             c.passed,
             c.dropped_deny_list,
             c.dropped_closed_port,
             c.dropped_malformed,
+            c.dropped_unparsed,
             c.passed_not_judged,
             c.audited,
             c.no_policy,
