@@ -1934,6 +1934,63 @@ pub fn probe_batch(exe: &Path, cgroup: &Path, uid: u32, gid: u32, cases: &[Strin
     lines
 }
 
+/// A `zt-probe session` in a cgroup as uid/gid: connected UDP sockets kept across policy
+/// changes, so that their later datagrams are judged by the egress backstop. Killed on drop.
+pub struct ProbeSession {
+    child: Child,
+    stdin: std::process::ChildStdin,
+    stdout: BufReader<std::process::ChildStdout>,
+}
+
+impl ProbeSession {
+    pub fn start(exe: &Path, cgroup: &Path, uid: u32, gid: u32) -> ProbeSession {
+        let mut child = Command::new(exe)
+            .arg("session")
+            .arg("--cgroup")
+            .arg(cgroup)
+            .arg("--uid")
+            .arg(uid.to_string())
+            .arg("--gid")
+            .arg(gid.to_string())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn zt-probe session");
+        let stdin = child.stdin.take().expect("session stdin");
+        let stdout = BufReader::new(child.stdout.take().expect("session stdout"));
+        ProbeSession {
+            child,
+            stdin,
+            stdout,
+        }
+    }
+
+    /// Send one command line; its one-line answer.
+    pub fn ask(&mut self, line: &str) -> String {
+        use std::io::Write;
+        self.stdin
+            .write_all(format!("{line}\n").as_bytes())
+            .and_then(|()| self.stdin.flush())
+            .expect("write to zt-probe session");
+        let mut answer = String::new();
+        self.stdout
+            .read_line(&mut answer)
+            .expect("read from zt-probe session");
+        assert!(
+            !answer.is_empty(),
+            "zt-probe session exited (asked {line:?})"
+        );
+        answer.trim().to_string()
+    }
+}
+
+impl Drop for ProbeSession {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 // =============================================================================================
 // Daemon lifecycle 2 (tests/tests/lifecycle2.rs): waiting for a status that satisfies a
 // condition (tamper repair, file-watch reloads, apply rollback).

@@ -1,6 +1,12 @@
-//! Differential test: random policies and random connections; the kernel's verdict (real
-//! `connect()`/`sendto()` calls from a guarded cgroup) must equal the reference evaluator's
-//! (`zt::policy::explain`, which reads the parsed policy rule by rule, never the maps).
+//! Differential test: random policies and random calls; the kernel's verdict must equal the
+//! reference evaluator's (`zt::policy::explain` and `explain_bind`, which read the parsed
+//! policy rule by rule, never the maps). Judged per round:
+//! - real `connect()`/`sendto()`/`bind()` calls from a guarded cgroup (proceeds or EPERM);
+//! - the deny and audit events of those calls: audit is told apart from allow, and the
+//!   deciding rule id must be the evaluator's;
+//! - the egress backstop: UDP sockets connected under the previous round's policy send one
+//!   datagram under this round's (after a reload or a restart that adopts the pins), judged
+//!   by the `cgroup_skb` egress program alone.
 //!
 //! `ZT_DIFF_SEED=N` replays a run (the seed is printed at the start and in every failure);
 //! `ZT_DIFF_ROUNDS` changes the number of policies (default 20, 108 cases each: 2,160 per run).
@@ -14,6 +20,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+use std::collections::{HashMap, HashSet};
+
 use zt::{
     control::{self, Request, Response},
     policy::{
@@ -23,7 +31,7 @@ use zt::{
     },
     sys,
 };
-use zt_integration::{probe_batch, Harness};
+use zt_integration::{probe_batch, Harness, ProbeSession};
 
 const PROBE: &str = env!("CARGO_BIN_EXE_zt-probe");
 
@@ -93,8 +101,11 @@ struct Cgroups {
     paths: Vec<PathBuf>,
 }
 
+/// A probe session of one task and its kept UDP sockets (session index, what it connected).
+type Held = (Task, ProbeSession, Vec<(usize, Case)>);
+
 /// Who makes the calls of one probe process.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 struct Task {
     uid: u32,
     gid: u32,
@@ -109,6 +120,8 @@ struct Case {
     addr: SocketAddr,
     mapped: bool,
     send: bool,
+    /// `bind()` to `addr` (a local address) instead of reaching it.
+    bind: bool,
 }
 
 impl Case {
@@ -121,7 +134,19 @@ impl Case {
         if self.send {
             l.push_str(" send");
         }
+        if self.bind {
+            l.push_str(" bind");
+        }
         l
+    }
+
+    /// What identifies this case's events of one task: hook family, address, port, proto.
+    fn event_key(&self) -> (bool, IpAddr, u16, &'static str) {
+        let ip = match self.peer() {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+            v4 => v4,
+        };
+        (self.bind, ip, self.addr.port(), self.proto.as_str())
     }
 
     /// The peer as the kernel sees it (mapped: the IPv4-mapped IPv6 address).
@@ -248,11 +273,13 @@ fn random_case(rng: &mut Rng) -> Case {
     } else {
         Proto::Udp
     };
+    let bind = rng.chance(1, 6);
     Case {
         proto,
         addr: SocketAddr::new(ip, port),
         mapped: ip.is_ipv4() && rng.chance(3, 10),
-        send: proto == Proto::Udp && rng.chance(1, 4),
+        send: !bind && proto == Proto::Udp && rng.chance(1, 4),
+        bind,
     }
 }
 
@@ -309,6 +336,10 @@ fn kernel_verdicts_equal_the_reference_evaluator() {
 
     let mut ztd: Option<zt_integration::Ztd> = None;
     let mut total = 0usize;
+    let mut backstop_cases = 0usize;
+    let mut backstop_eperm = 0usize;
+    let mut events_checked = 0usize;
+    let mut held: Vec<Held> = Vec::new();
     for round in 0..rounds {
         // A policy and cases for which the evaluator expects both outcomes (so that neither
         // an inert nor a deny-everything kernel can pass).
@@ -329,16 +360,22 @@ fn kernel_verdicts_equal_the_reference_evaluator() {
                         .collect::<String>()
                 ),
             };
-            let groups: Vec<(Task, Vec<Case>)> = (0..6)
-                .map(|_| {
-                    let task = Task {
-                        uid: rng.pick(UIDS),
-                        gid: rng.pick(GIDS),
-                        cgroup: rng.below(cgroups.rels.len()),
-                        exe: rng.below(2),
-                    };
-                    (task, (0..18).map(|_| random_case(&mut rng)).collect())
-                })
+            // Distinct tasks, so that each event names the one task that caused it.
+            let mut tasks: Vec<Task> = Vec::new();
+            while tasks.len() < 6 {
+                let task = Task {
+                    uid: rng.pick(UIDS),
+                    gid: rng.pick(GIDS),
+                    cgroup: rng.below(cgroups.rels.len()),
+                    exe: rng.below(2),
+                };
+                if !tasks.contains(&task) {
+                    tasks.push(task);
+                }
+            }
+            let groups: Vec<(Task, Vec<Case>)> = tasks
+                .into_iter()
+                .map(|task| (task, (0..18).map(|_| random_case(&mut rng)).collect()))
                 .collect();
             let expected: Vec<bool> = groups
                 .iter()
@@ -376,8 +413,29 @@ fn kernel_verdicts_equal_the_reference_evaluator() {
             }
         }
 
-        let (mut ok, mut eperm) = (0usize, 0usize);
+        let generation = ztd.as_ref().map(|z| z.status().generation).unwrap_or(0);
+
+        // The backstop: sockets connected under the previous round's policy send now.
         let mut mismatches = Vec::new();
+        for (task, session, kept) in held.iter_mut() {
+            for (index, case) in kept.iter() {
+                let e = expect(&policy, task, case, &cgroups, &exe_keys);
+                let want = if e.verdict.proceeds() { "ok" } else { "eperm" };
+                let got = session.ask(&format!("send {index}"));
+                backstop_cases += 1;
+                backstop_eperm += usize::from(got == "eperm");
+                if got != want {
+                    mismatches.push(format!(
+                        "  backstop {task:?} {} (connected under the previous policy): kernel \
+                         {got}, evaluator {want}\n{e}",
+                        case.line()
+                    ));
+                }
+            }
+        }
+        held.clear();
+
+        let (mut ok, mut eperm) = (0usize, 0usize);
         for (task, cases) in &groups {
             let lines: Vec<String> = cases.iter().map(Case::line).collect();
             let got = probe_batch(
@@ -404,6 +462,21 @@ fn kernel_verdicts_equal_the_reference_evaluator() {
             }
             total += cases.len();
         }
+
+        // Events: each deny and audit verdict with the evaluator's rule, no event for an
+        // allowed call (random policies never set `log`).
+        if mismatches.is_empty() {
+            events_checked += check_events(
+                &h,
+                generation,
+                &groups,
+                &policy,
+                &cgroups,
+                &exe_keys,
+                &mut mismatches,
+            );
+        }
+
         let policy_text: String = files
             .iter()
             .map(|(n, t)| format!("# ---- {n}\n{t}"))
@@ -428,12 +501,170 @@ fn kernel_verdicts_equal_the_reference_evaluator() {
             ok > 0 && eperm > 0,
             "seed {seed} round {round}: only ok={ok} eperm={eperm}\npolicy:\n{policy_text}"
         );
+
+        // UDP sockets for the next round's backstop check: connected now (where this policy
+        // lets them), used after the next policy is in force.
+        for (task, _) in &groups {
+            let mut session = ProbeSession::start(
+                &exes[task.exe],
+                &cgroups.paths[task.cgroup],
+                task.uid,
+                task.gid,
+            );
+            let mut kept = Vec::new();
+            for index in 0..4 {
+                let mut case = random_case(&mut rng);
+                case.proto = Proto::Udp;
+                case.send = false;
+                case.bind = false;
+                let mut line = format!("keep udp {}", case.addr);
+                if case.mapped {
+                    line.push_str(" mapped");
+                }
+                if session.ask(&line) == "ok" {
+                    kept.push((index, case));
+                }
+            }
+            held.push((*task, session, kept));
+        }
     }
     eprintln!(
-        "differential: {total} cases over {rounds} policies in {:.1?} (seed {seed})",
+        "differential: {total} cases over {rounds} policies ({backstop_cases} backstop sends, \
+         {backstop_eperm} refused; {events_checked} events checked) in {:.1?} (seed {seed})",
         started.elapsed()
     );
     assert!(total >= rounds * 100);
+    // Neither an inert nor a drop-everything backstop can pass.
+    assert!(
+        rounds < 4 || (backstop_eperm > 0 && backstop_eperm < backstop_cases && events_checked > 0),
+        "seed {seed}: the backstop or event checks never saw both outcomes \
+         ({backstop_eperm} of {backstop_cases} sends refused, {events_checked} events)"
+    );
+}
+
+/// Compare the round's deny and audit events with the evaluator: returns how many events
+/// matched. Waits (polls) until every expected event arrived.
+fn check_events(
+    h: &Harness,
+    generation: u64,
+    groups: &[(Task, Vec<Case>)],
+    policy: &policy::Policy,
+    cgroups: &Cgroups,
+    exe_keys: &[ExeKey],
+    mismatches: &mut Vec<String>,
+) -> usize {
+    type Key = (Task, (bool, IpAddr, u16, &'static str));
+    // What each (task, call) must have produced: the verdict and the rules that may be
+    // named (the default, 0, or any matching rule of the deciding rule's action and mode: the
+    // kernel names the first it probes, the evaluator the lowest id), or nothing for allow.
+    let mut want: HashMap<Key, Option<(&'static str, Vec<u32>)>> = HashMap::new();
+    for (task, cases) in groups {
+        for case in cases {
+            let e = expect(policy, task, case, cgroups, exe_keys);
+            let w = match e.verdict {
+                policy::eval::Verdict::Allow => None,
+                v => Some((
+                    v.as_str(),
+                    match &e.deciding_rule {
+                        None => vec![0],
+                        Some(d) => e
+                            .matched
+                            .iter()
+                            .filter(|m| m.action == d.action && m.mode == d.mode)
+                            .map(|m| m.id)
+                            .collect(),
+                    },
+                )),
+            };
+            want.insert((*task, case.event_key()), w);
+        }
+    }
+    let task_of = |r: &zt::history::EventRecord| -> Option<Task> {
+        groups.iter().map(|g| g.0).find(|t| {
+            t.uid == r.uid
+                && t.gid == r.gid
+                && exe_keys[t.exe].ino == r.exe_ino
+                && std::fs::metadata(&cgroups.paths[t.cgroup])
+                    .map(|m| std::os::unix::fs::MetadataExt::ino(&m) == r.cgroup_id)
+                    .unwrap_or(false)
+        })
+    };
+    // Events are rate-limited per (exe, uid, hook, verdict, peer or bound end): far more
+    // than a round makes of one key.
+    let expected: HashSet<&Key> = want
+        .iter()
+        .filter(|(_, w)| w.is_some())
+        .map(|(k, _)| k)
+        .collect();
+    let call_hooks = [
+        "connect4", "connect6", "sendmsg4", "sendmsg6", "bind4", "bind6",
+    ];
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let records: Vec<_> = h
+            .events(&[])
+            .into_iter()
+            .filter(|r| r.generation == generation && call_hooks.contains(&r.hook.as_str()))
+            .collect();
+        let mut seen: HashMap<Key, Vec<(String, u32)>> = HashMap::new();
+        for r in &records {
+            let Some(task) = task_of(r) else { continue };
+            let bind = r.hook.starts_with("bind");
+            let (addr, port) = if bind {
+                (r.local_addr.unwrap_or(r.peer_addr), r.local_port)
+            } else {
+                (r.peer_addr, r.peer_port)
+            };
+            let proto = match r.proto.as_str() {
+                "tcp" => "tcp",
+                "udp" => "udp",
+                _ => "other",
+            };
+            seen.entry((task, (bind, addr, port, proto)))
+                .or_default()
+                .push((r.verdict.clone(), r.rule_id));
+        }
+        let complete = expected.iter().all(|k| seen.contains_key(*k));
+        if complete || Instant::now() >= deadline {
+            let mut matched = 0;
+            for (key, events) in &seen {
+                match want.get(key) {
+                    // An event of a call this round did not make: another generation's.
+                    None => {}
+                    Some(None) => mismatches.push(format!(
+                        "  {:?} {:?}: allowed by the evaluator, kernel reported {events:?}",
+                        key.0, key.1
+                    )),
+                    Some(Some((verdict, rules))) => {
+                        for (v, r) in events {
+                            if v != verdict || !rules.contains(r) {
+                                mismatches.push(format!(
+                                    "  {:?} {:?}: kernel event {v} rule {r}, evaluator \
+                                     {verdict} by one of rules {rules:?}",
+                                    key.0, key.1
+                                ));
+                            } else {
+                                matched += 1;
+                            }
+                        }
+                    }
+                }
+            }
+            for key in expected.iter().filter(|k| !seen.contains_key(**k)) {
+                let of_task: Vec<String> = seen
+                    .iter()
+                    .filter(|(k, _)| k.0 == key.0)
+                    .map(|(k, v)| format!("{:?} {v:?}", k.1))
+                    .collect();
+                mismatches.push(format!(
+                    "  {:?} {:?}: no event, evaluator {:?}; the task's events: {of_task:?}",
+                    key.0, key.1, want[*key]
+                ));
+            }
+            return matched;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 fn expect(
@@ -453,7 +684,11 @@ fn expect(
         proto: case.proto,
         direction: Direction::Egress,
     };
-    policy::explain(policy, &q, false)
+    if case.bind {
+        policy::explain_bind(policy, &q, false)
+    } else {
+        policy::explain(policy, &q, false)
+    }
 }
 
 #[test]

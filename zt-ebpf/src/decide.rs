@@ -675,7 +675,20 @@ pub fn emit(
 ) {
     // SAFETY: plain helper call.
     let ktime_ns = unsafe { bpf_ktime_get_ns() };
-    let Some(suppressed) = rate_limit(hook, verdict, caller, dst, ktime_ns) else {
+    // A bind has no peer: its flow is the local end it asked for.
+    let bound;
+    let flow = if dst.port == 0 && local.port != 0 {
+        bound = Destination {
+            family: dst.family,
+            addr: local.addr,
+            port: local.port,
+            proto: dst.proto,
+        };
+        &bound
+    } else {
+        dst
+    };
+    let Some(suppressed) = rate_limit(hook, verdict, caller, flow, ktime_ns) else {
         count(Stat::EventSuppressed);
         return;
     };

@@ -252,8 +252,23 @@ enum Cmd {
     /// `PROTO ADDR:PORT [mapped] [send]` (tcp or udp) make one call on a fresh socket and print
     /// one outcome per line: `ok` (the call proceeded: connected, in progress, refused),
     /// `eperm`, or `error:<reason>`. `mapped`: from an AF_INET6 socket to `::ffff:a.b.c.d`;
-    /// `send` (udp): `sendto()` without `connect()`. Nothing waits for a peer.
+    /// `send` (udp): `sendto()` without `connect()`; `bind`: `bind()` to ADDR:PORT instead
+    /// (`ok` also when the kernel refuses it after zt: in use, privileged port). Nothing
+    /// waits for a peer.
     Batch {
+        #[arg(long)]
+        cgroup: Option<PathBuf>,
+        #[arg(long)]
+        uid: Option<u32>,
+        #[arg(long)]
+        gid: Option<u32>,
+    },
+    /// Join the cgroup and take the uid/gid once, then answer stdin lines one at a time
+    /// (flushing each answer): `keep udp ADDR:PORT [mapped]` connects a UDP socket and keeps
+    /// it (`ok` or `eperm`; kept sockets are numbered from 0 in the order they were kept,
+    /// refused ones included), `send N` sends one datagram on kept socket N (`ok`, `eperm`,
+    /// or `error:<reason>`): what the egress backstop decides for a flow opened earlier.
+    Session {
         #[arg(long)]
         cgroup: Option<PathBuf>,
         #[arg(long)]
@@ -581,6 +596,13 @@ fn main() {
                 return;
             }
             batch();
+        }
+        Cmd::Session { cgroup, uid, gid } => {
+            if let Err(e) = enter(cgroup, None, gid, uid, None) {
+                println!("error:setup:{e}");
+                return;
+            }
+            session();
         }
         Cmd::Flood {
             proto,
@@ -1761,6 +1783,79 @@ fn hold_tcp(addr: SocketAddr, timeout: Duration) {
     }
 }
 
+/// See `Cmd::Session`.
+fn session() {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    let stdin = std::io::stdin();
+    let mut out = std::io::stdout().lock();
+    let mut kept: Vec<Option<OwnedFd>> = Vec::new();
+    let mut line = String::new();
+    while stdin.read_line(&mut line).map(|n| n > 0).unwrap_or(false) {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let answer = match words.as_slice() {
+            ["keep", "udp", addr, rest @ ..] => match addr.parse::<SocketAddr>() {
+                Ok(addr) => {
+                    let addr = match (rest.contains(&"mapped"), addr) {
+                        (true, SocketAddr::V4(v4)) => {
+                            SocketAddr::new(v4.ip().to_ipv6_mapped().into(), v4.port())
+                        }
+                        (_, a) => a,
+                    };
+                    let domain = if addr.is_ipv4() {
+                        libc::AF_INET
+                    } else {
+                        libc::AF_INET6
+                    };
+                    // SAFETY: plain socket(2); the fd is owned right away.
+                    let fd =
+                        unsafe { libc::socket(domain, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+                    if fd < 0 {
+                        kept.push(None);
+                        outcome(Err(std::io::Error::last_os_error()))
+                    } else {
+                        // SAFETY: fd is a new, valid descriptor.
+                        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+                        let to = nix::sys::socket::SockaddrStorage::from(addr);
+                        match nix::sys::socket::connect(fd.as_raw_fd(), &to) {
+                            Ok(()) => {
+                                kept.push(Some(fd));
+                                "ok".to_string()
+                            }
+                            Err(e) => {
+                                kept.push(None);
+                                if e == nix::errno::Errno::EPERM {
+                                    "eperm".to_string()
+                                } else {
+                                    format!("error:{e}")
+                                }
+                            }
+                        }
+                    }
+                }
+                Err(_) => format!("error:bad address {addr}"),
+            },
+            ["send", n] => match n.parse::<usize>().ok().and_then(|i| kept.get(i)) {
+                Some(Some(fd)) => match nix::sys::socket::send(
+                    fd.as_raw_fd(),
+                    b"zt",
+                    nix::sys::socket::MsgFlags::MSG_DONTWAIT,
+                ) {
+                    Ok(_)
+                    | Err(nix::errno::Errno::ECONNREFUSED)
+                    | Err(nix::errno::Errno::EAGAIN) => "ok".to_string(),
+                    Err(nix::errno::Errno::EPERM) => "eperm".to_string(),
+                    Err(e) => format!("error:{e}"),
+                },
+                _ => format!("error:no kept socket {n}"),
+            },
+            _ => "error:bad line".to_string(),
+        };
+        let _ = writeln!(out, "{answer}");
+        let _ = out.flush();
+        line.clear();
+    }
+}
+
 /// See `Cmd::Batch`.
 fn batch() {
     let stdin = std::io::stdin();
@@ -1786,6 +1881,7 @@ fn batch_case(words: &[&str]) -> String {
     };
     let mapped = words.contains(&"mapped");
     let send = words.contains(&"send");
+    let bind = words.contains(&"bind");
     let addr = match (mapped, addr) {
         (true, SocketAddr::V4(v4)) => SocketAddr::new(v4.ip().to_ipv6_mapped().into(), v4.port()),
         (_, a) => a,
@@ -1809,6 +1905,17 @@ fn batch_case(words: &[&str]) -> String {
     // SAFETY: fd is a new, valid descriptor.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
     let to = nix::sys::socket::SockaddrStorage::from(addr);
+    if bind {
+        let _ = nix::sys::socket::setsockopt(&fd, nix::sys::socket::sockopt::ReuseAddr, &true);
+        return match nix::sys::socket::bind(fd.as_raw_fd(), &to) {
+            // Past zt's hook: the kernel's own checks may still refuse the address.
+            Ok(()) | Err(nix::errno::Errno::EADDRINUSE) | Err(nix::errno::Errno::EACCES) => {
+                "ok".to_string()
+            }
+            Err(nix::errno::Errno::EPERM) => "eperm".to_string(),
+            Err(e) => format!("error:{e}"),
+        };
+    }
     let r = if send {
         nix::sys::socket::sendto(
             fd.as_raw_fd(),

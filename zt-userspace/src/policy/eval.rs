@@ -195,18 +195,21 @@ fn normalized(peer: IpAddr) -> IpAddr {
 
 /// Whether `rule` matches `q`, given which identities the task matches.
 fn rule_matches(policy: &Policy, rule: &Rule, q: &Query, identities: &[bool]) -> bool {
+    let peer = normalized(q.peer);
+    rule_matches_port(rule, q, identities)
+        && policy
+            .peer_cidrs(rule)
+            .is_none_or(|cidrs| cidrs.iter().any(|c| c.contains(&peer)))
+}
+
+/// `rule_matches` without the peer: direction, identity, protocol and port.
+fn rule_matches_port(rule: &Rule, q: &Query, identities: &[bool]) -> bool {
     use super::ProtoMatch;
     if rule.direction != q.direction {
         return false;
     }
     if let Some(i) = rule.identity {
         if !identities.get(i).copied().unwrap_or(false) {
-            return false;
-        }
-    }
-    let peer = normalized(q.peer);
-    if let Some(cidrs) = policy.peer_cidrs(rule) {
-        if !cidrs.iter().any(|c| c.contains(&peer)) {
             return false;
         }
     }
@@ -270,6 +273,38 @@ pub fn explain(policy: &Policy, q: &Query, global_audit: bool) -> Explanation {
         .iter()
         .filter(|r| rule_matches(policy, r, q, &identities))
         .collect();
+    judged(policy, &identities, matched, global_audit)
+}
+
+/// Judges a `bind()` of `q.port` (`q.proto`) by the task of `q`: allowed by any ingress
+/// allow rule of the task's identities for that port, whatever its peer (listening is what
+/// the rule grants; who may connect is judged per packet); deny rules do not apply to binds.
+/// Otherwise the default verdict, as for a call. `q.direction` and `q.peer` are ignored.
+pub fn explain_bind(policy: &Policy, q: &Query, global_audit: bool) -> Explanation {
+    let q = Query {
+        direction: super::Direction::Ingress,
+        ..q.clone()
+    };
+    let identities: Vec<bool> = policy
+        .identities()
+        .iter()
+        .map(|id| identity_matches(id, &q))
+        .collect();
+    let matched: Vec<&Rule> = policy
+        .rules()
+        .iter()
+        .filter(|r| r.action == Action::Allow && rule_matches_port(r, &q, &identities))
+        .collect();
+    judged(policy, &identities, matched, global_audit)
+}
+
+/// The verdict of the rules that `matched` (in id order) for a task matching `identities`.
+fn judged(
+    policy: &Policy,
+    identities: &[bool],
+    matched: Vec<&Rule>,
+    global_audit: bool,
+) -> Explanation {
     // Rules are in id order, so the first of a kind is its lowest id.
     let first = |action: Action, mode: Option<Mode>| {
         matched
@@ -288,7 +323,7 @@ pub fn explain(policy: &Policy, q: &Query, global_audit: bool) -> Explanation {
             policy
                 .identities()
                 .iter()
-                .zip(&identities)
+                .zip(identities)
                 .any(|(id, &m)| m && id.mode == mode)
         };
         if of_mode(Mode::Audit) && !of_mode(Mode::Enforce) {
@@ -308,7 +343,7 @@ pub fn explain(policy: &Policy, q: &Query, global_audit: bool) -> Explanation {
         matched_identities: policy
             .identities()
             .iter()
-            .zip(&identities)
+            .zip(identities)
             .filter(|(_, &m)| m)
             .map(|(id, _)| id.name.clone())
             .collect(),
@@ -458,6 +493,34 @@ peer = "any"
 ports = [80]
 proto = "tcp"
 "#;
+
+    #[test]
+    fn binds_need_an_ingress_allow_of_the_port_whatever_its_peer() {
+        let lan_only = format!(
+            "{BASE}\n[[rule]]\naction = \"allow\"\ndirection = \"ingress\"\nidentity = \"web\"\n\
+             peer = \"lan\"\nports = [8080]\nproto = \"udp\"\n\n[[rule]]\naction = \"deny\"\n\
+             direction = \"ingress\"\nidentity = \"any\"\npeer = \"any\"\nports = [80]\n"
+        );
+        let p = policy(&[("p.toml", &lan_only)]);
+        let mut web = q("0.0.0.0", 80, Proto::Tcp);
+        web.uid = 33;
+        // Rule 5 grants tcp/80 (an ingress deny of the same port does not refuse the bind:
+        // deny rules judge peers, per packet).
+        let e = explain_bind(&p, &web, false);
+        assert_eq!(e.verdict, Verdict::Allow);
+        assert_eq!(e.deciding_rule.as_ref().map(|r| r.id), Some(5));
+        // A peer-restricted grant still grants the bind.
+        web.port = 8080;
+        web.proto = Proto::Udp;
+        assert_eq!(explain_bind(&p, &web, false).verdict, Verdict::Allow);
+        // Other proto, other port, other identity: the default; audit only in global audit.
+        web.proto = Proto::Tcp;
+        assert_eq!(explain_bind(&p, &web, false).verdict, Verdict::Deny);
+        web.port = 80;
+        web.uid = 0;
+        assert_eq!(explain_bind(&p, &web, false).verdict, Verdict::Deny);
+        assert_eq!(explain_bind(&p, &web, true).verdict, Verdict::Audit);
+    }
 
     #[test]
     fn identities_networks_ports_and_deny_over_allow() {

@@ -29,7 +29,7 @@ use ipnet::IpNet;
 
 pub use compile::{compile, CompileError, Compiled, IdentityInfo, RuleInfo};
 pub use diag::{Diagnostic, Loc, Severity};
-pub use eval::{explain, Explanation, Query};
+pub use eval::{explain, explain_bind, Explanation, Query};
 pub use resolve::{
     find_unit, hex, kernel_dev, unit_search_dirs, LiveResolver, Resolve, SystemResolver,
 };
