@@ -25,6 +25,19 @@ use std::{
 
 use crate::policy::{Diagnostic, Loc};
 
+/// Whether `path` lies on a read-only mount (`statvfs`: `ST_RDONLY`).
+fn read_only_mount(path: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
+        return false;
+    };
+    // SAFETY: a zeroed statvfs is a valid out-parameter; `c` is a NUL-terminated path.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: as above; the kernel writes only into `st`.
+    let ret = unsafe { libc::statvfs(c.as_ptr(), &mut st) };
+    ret == 0 && st.f_flag & libc::ST_RDONLY != 0
+}
+
 /// Group- or world-writable.
 const GO_WRITE: u32 = 0o022;
 const STICKY: u32 = 0o1000;
@@ -48,7 +61,8 @@ pub fn untrusted_reason(path: &Path) -> Option<String> {
             format!("{} (the target of {})", p.display(), path.display())
         }
     };
-    if meta.uid() != 0 {
+    let frozen = read_only_mount(&real);
+    if meta.uid() != 0 && !frozen {
         return Some(format!(
             "{} is owned by uid {}, not root",
             shown(&real),
@@ -56,7 +70,7 @@ pub fn untrusted_reason(path: &Path) -> Option<String> {
         ));
     }
     let mode = meta.permissions().mode() & 0o7777;
-    if mode & GO_WRITE != 0 {
+    if mode & GO_WRITE != 0 && !frozen {
         return Some(format!(
             "{} has mode {mode:04o}: group or others may write it",
             shown(&real)
@@ -65,6 +79,7 @@ pub fn untrusted_reason(path: &Path) -> Option<String> {
     let mut dir: Option<&Path> = real.parent();
     while let Some(d) = dir {
         match std::fs::metadata(d) {
+            Ok(_) if read_only_mount(d) => {}
             Ok(m) => {
                 let mode = m.permissions().mode() & 0o7777;
                 if m.uid() != 0 {
@@ -259,5 +274,53 @@ mod tests {
         assert_eq!(untrusted_reason(&f), None, "a sticky root dir is fine");
         let diags = policy_diagnostics(std::slice::from_ref(&f), &[]);
         assert!(diags.is_empty(), "{diags:?}");
+    }
+
+    /// A read-only mount (a Kubernetes ConfigMap volume is one, its directory 0777): nobody
+    /// but root can change what it holds. Checked in a mount namespace of one thread, so the
+    /// host's mounts are never touched.
+    #[test]
+    fn a_read_only_mount_is_root_alone_whatever_its_modes() {
+        if !nix::unistd::Uid::effective().is_root() {
+            return;
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mnt = dir.path().to_path_buf();
+        std::thread::spawn(move || {
+            use nix::mount::{mount, MsFlags};
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).expect("unshare");
+            mount(
+                None::<&str>,
+                "/",
+                None::<&str>,
+                MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+                None::<&str>,
+            )
+            .expect("make private");
+            mount(
+                Some("tmpfs"),
+                &mnt,
+                Some("tmpfs"),
+                MsFlags::empty(),
+                Some("mode=0777"),
+            )
+            .expect("mount tmpfs");
+            let f = mnt.join("p.toml");
+            std::fs::write(&f, "version = 1\n").expect("write");
+            std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o666)).expect("chmod");
+            let why = untrusted_reason(&f).expect("writable mount: refused");
+            assert!(why.contains("0666"), "{why}");
+            mount(
+                None::<&str>,
+                &mnt,
+                None::<&str>,
+                MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
+                None::<&str>,
+            )
+            .expect("remount ro");
+            assert_eq!(untrusted_reason(&f), None, "read-only: root alone");
+        })
+        .join()
+        .expect("mount namespace thread");
     }
 }
