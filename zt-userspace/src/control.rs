@@ -1,5 +1,9 @@
 //! The control protocol between `ztctl` and `ztd`: one JSON request per line over a unix
-//! socket (mode 0600, root only), one JSON response per line.
+//! socket, one JSON response per line.
+//!
+//! ztd authorises each request by the peer's credentials (`SO_PEERCRED`), whatever the
+//! socket file's mode: requests that change anything ([`Request::changes_state`]) only from
+//! uid 0; read-only ones from uid 0 and members of `--control-group` (off by default).
 
 use std::{
     io::{BufRead, BufReader, Write},
@@ -40,6 +44,72 @@ pub enum Request {
         #[serde(default)]
         follow: bool,
     },
+}
+
+impl Request {
+    /// The request's name on the wire (`cmd`).
+    pub fn name(&self) -> &'static str {
+        match self {
+            Request::Status => "status",
+            Request::Reload => "reload",
+            Request::Unload => "unload",
+            Request::Apply { .. } => "apply",
+            Request::Confirm => "confirm",
+            Request::Events { .. } => "events",
+        }
+    }
+
+    /// Whether the request can change anything (policy, enforcement, the daemon): such
+    /// requests are accepted from root only. Every new request must be classified here.
+    pub fn changes_state(&self) -> bool {
+        match self {
+            Request::Status | Request::Events { .. } => false,
+            Request::Reload | Request::Unload | Request::Apply { .. } | Request::Confirm => true,
+        }
+    }
+}
+
+/// Who is on the other end of a control connection, from the kernel (`SO_PEERCRED`,
+/// `SO_PEERGROUPS`): not from anything the client says.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Peer {
+    pub uid: u32,
+    pub gid: u32,
+    pub pid: Option<i32>,
+    /// Supplementary groups.
+    pub groups: Vec<u32>,
+}
+
+/// Why `peer` may not make `req` (`None`: it may). `control_gid`: the group whose members may
+/// make read-only requests (`--control-group`).
+pub fn refusal(req: &Request, peer: &Peer, control_gid: Option<u32>) -> Option<String> {
+    if peer.uid == 0 {
+        return None;
+    }
+    let member = control_gid.is_some_and(|g| peer.gid == g || peer.groups.contains(&g));
+    if req.changes_state() {
+        return Some(format!(
+            "permission denied: `{}` changes ztd's state and is accepted from root only (you are uid {})",
+            req.name(),
+            peer.uid
+        ));
+    }
+    if member {
+        return None;
+    }
+    Some(match control_gid {
+        None => format!(
+            "permission denied: `{}` is accepted from root only (you are uid {}); ztd's \
+             --control-group lets the members of one group read status and events",
+            req.name(),
+            peer.uid
+        ),
+        Some(g) => format!(
+            "permission denied: `{}` is accepted from root and members of group {g} (--control-group) only (you are uid {})",
+            req.name(),
+            peer.uid
+        ),
+    })
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -232,6 +302,11 @@ pub struct Status {
     /// Each declared identity, what it resolved to, and whether it can match now.
     #[serde(default)]
     pub identities_resolved: Vec<IdentityStatus>,
+    /// Weak spots that do not make ztd unhealthy but that an operator should know: the
+    /// guarded cgroup lies below one a non-root user may move processes out of, an `exe` a
+    /// non-root user can replace (without `sha256`), other warnings of the policy in force.
+    #[serde(default)]
+    pub warnings: Vec<String>,
 }
 
 /// One identity in `status`: what its names resolved to on this system.
@@ -383,5 +458,37 @@ mod tests {
         );
         let r: Request = serde_json::from_str(r#"{"cmd":"unload"}"#).unwrap();
         assert!(matches!(r, Request::Unload));
+    }
+
+    #[test]
+    fn only_root_changes_state_and_the_control_group_reads() {
+        let user = Peer {
+            uid: 65534,
+            gid: 65534,
+            pid: None,
+            groups: vec![100],
+        };
+        let root = Peer::default();
+        let apply = Request::Apply {
+            path: PathBuf::from("/x"),
+            confirm_within_ms: 1,
+        };
+        for req in [Request::Reload, Request::Unload, Request::Confirm, apply] {
+            assert!(req.changes_state());
+            assert_eq!(refusal(&req, &root, None), None);
+            let why = refusal(&req, &user, Some(100)).expect("refused");
+            assert!(why.contains("root only"), "{why}");
+        }
+        let events = Request::Events {
+            filter: EventFilter::default(),
+            follow: false,
+        };
+        for req in [Request::Status, events] {
+            assert!(!req.changes_state());
+            assert!(refusal(&req, &user, None).is_some());
+            assert!(refusal(&req, &user, Some(7)).is_some());
+            assert_eq!(refusal(&req, &user, Some(100)), None, "supplementary group");
+            assert_eq!(refusal(&req, &user, Some(65534)), None, "primary group");
+        }
     }
 }

@@ -63,8 +63,8 @@ macro_rules! warn {
 use crate::{
     btf,
     control::{
-        Decisions, EventStats, HookDecisions, PendingApply, ReloadResult, ReloadTimings, Request,
-        Response, RuleCounter, Status, TopFlow,
+        self, Decisions, EventStats, HookDecisions, PendingApply, ReloadResult, ReloadTimings,
+        Request, Response, RuleCounter, Status, TopFlow,
     },
     enrich::Enricher,
     events,
@@ -125,6 +125,9 @@ pub struct Options {
     /// Where `unit = "..."` identities are searched (`--units-root`; default: the cgroup2
     /// root).
     pub units_root: Option<PathBuf>,
+    /// Members of this group (a name or a gid) may make read-only control requests
+    /// (`status`, `events`); `None`: root only (`--control-group`).
+    pub control_group: Option<String>,
 }
 
 /// The symlink a Kubernetes ConfigMap or Secret volume swaps atomically on update.
@@ -157,6 +160,16 @@ pub enum DaemonError {
     NotACgroup(PathBuf),
     #[error(transparent)]
     Xdp(#[from] xdp::XdpError),
+    #[error("the control socket {socket} would be in {dir}, which is not safe: {why}; put it in a directory only root can change (e.g. /run/zt)")]
+    UnsafeSocketDir {
+        socket: PathBuf,
+        dir: PathBuf,
+        why: String,
+    },
+    #[error("{0} exists and is not a socket: ztd replaces only a stale socket of its own; remove it, or pass another --socket")]
+    NotASocket(PathBuf),
+    #[error("--control-group {0}: no such group")]
+    NoSuchGroup(String),
     #[error("--units-root {dir} is not a directory below the cgroup2 mount {root}: pass a cgroup directory (units are searched in its system.slice, user slices and nested slices)")]
     NotAUnitsRoot { dir: PathBuf, root: PathBuf },
 }
@@ -227,6 +240,11 @@ fn compile_paths(
         lenient,
     };
     let started = Instant::now();
+    // Only files root alone can change (sshd's StrictModes): checked before they are read.
+    let untrusted = policy::untrusted_files(paths);
+    if !untrusted.is_empty() {
+        return Err(DaemonError::Policy(untrusted));
+    }
     let (policy, warnings, sources) =
         policy::load_keeping_sources(paths, &resolver).map_err(DaemonError::Policy)?;
     let parsed = Instant::now();
@@ -288,6 +306,8 @@ struct State {
     rewatch: bool,
     /// The flow store, for `status`.
     flows: flows::Recorder,
+    /// The warnings of the policy in force (for `status`).
+    warnings: Vec<String>,
 }
 
 /// An applied policy waiting for confirmation, and what to roll back to.
@@ -342,6 +362,7 @@ impl State {
                 for w in &warnings {
                     warn!("{w}");
                 }
+                self.warnings = warnings.iter().map(ToString::to_string).collect();
                 self.sources = sources;
                 let changes = notice::changes(&self.compiled.identities, &compiled.identities);
                 let started = Instant::now();
@@ -830,6 +851,10 @@ impl State {
                     .as_secs(),
             }),
             flows: self.flows.status(),
+            warnings: crate::trust::cgroup_escape_warning(&self.opts.cgroup, &self.cgroup_root)
+                .into_iter()
+                .chain(self.warnings.iter().cloned())
+                .collect(),
         }))
     }
 
@@ -887,8 +912,15 @@ fn check_units_root(cgroup_root: &Path, units_root: Option<&Path>) -> Result<Pat
     Ok(dir.to_path_buf())
 }
 
-/// Bind the control socket: root only (0600); refuse if another daemon answers there.
-fn bind_socket(path: &Path) -> Result<UnixListener, DaemonError> {
+/// Bind the control socket. Its directory must be one only root can change (owned by root,
+/// not writable by group or others unless sticky, like /tmp): otherwise another user could
+/// swap the socket for its own. A socket already there is replaced only when nothing answers
+/// on it (a stale one); anything else there is refused. The socket is created under umask
+/// 0177, so it never exists with a wider mode than 0600, not even between `bind` and `chmod`;
+/// with `--control-group` it is then given to that group, mode 0660. (Access is decided per
+/// request by the peer's credentials anyway: see [`control::refusal`].)
+fn bind_socket(path: &Path, control_gid: Option<u32>) -> Result<UnixListener, DaemonError> {
+    use std::os::unix::fs::{DirBuilderExt, FileTypeExt};
     let io = |what| {
         move |source| DaemonError::Io {
             what,
@@ -896,19 +928,94 @@ fn bind_socket(path: &Path) -> Result<UnixListener, DaemonError> {
             source,
         }
     };
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(io("creating the directory of"))?;
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o755)
+        .create(dir)
+        .map_err(io("creating the directory of"))?;
+    let why = crate::trust::unsafe_dir_reason(dir);
+    if let Some(why) = why {
+        return Err(DaemonError::UnsafeSocketDir {
+            socket: path.to_path_buf(),
+            dir: dir.to_path_buf(),
+            why,
+        });
     }
-    if path.exists() {
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            return Err(DaemonError::AlreadyRunning(path.to_path_buf()));
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return Err(DaemonError::AlreadyRunning(path.to_path_buf()));
+            }
+            std::fs::remove_file(path).map_err(io("removing the stale socket"))?;
         }
-        std::fs::remove_file(path).map_err(io("removing the stale socket"))?;
+        Ok(_) => return Err(DaemonError::NotASocket(path.to_path_buf())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io("checking")(e)),
     }
-    let listener = UnixListener::bind(path).map_err(io("binding the control socket"))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .map_err(io("restricting the control socket"))?;
+    // SAFETY: umask only changes this process's file creation mask; it is restored below.
+    let old = unsafe { libc::umask(0o177) };
+    let bound = UnixListener::bind(path);
+    // SAFETY: as above.
+    unsafe { libc::umask(old) };
+    let listener = bound.map_err(io("binding the control socket"))?;
+    if let Some(gid) = control_gid {
+        std::os::unix::fs::chown(path, None, Some(gid))
+            .map_err(io("giving the control socket to --control-group"))?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
+            .map_err(io("restricting the control socket"))?;
+    } else {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+            .map_err(io("restricting the control socket"))?;
+    }
     Ok(listener)
+}
+
+/// `--control-group`: a group name, or a gid.
+fn control_gid(group: Option<&str>) -> Result<Option<u32>, DaemonError> {
+    let Some(g) = group else {
+        return Ok(None);
+    };
+    if let Ok(Some(found)) = nix::unistd::Group::from_name(g) {
+        return Ok(Some(found.gid.as_raw()));
+    }
+    g.parse::<u32>()
+        .map(Some)
+        .map_err(|_| DaemonError::NoSuchGroup(g.to_string()))
+}
+
+/// The peer of a control connection, from the kernel.
+fn peer_of(stream: &UnixStream) -> Option<control::Peer> {
+    use std::os::fd::AsRawFd;
+    let cred = stream.peer_cred().ok()?;
+    let fd = stream.as_raw_fd();
+    let mut groups = vec![0u32; 256];
+    let mut len = (groups.len() * std::mem::size_of::<u32>()) as libc::socklen_t;
+    // SAFETY: `groups` has room for `len` bytes; the kernel writes at most that many.
+    let ret = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_PEERGROUPS,
+            groups.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    if ret == 0 {
+        groups.truncate(len as usize / std::mem::size_of::<u32>());
+    } else {
+        // Too many groups for the buffer, or an old kernel: the primary group still counts.
+        groups.clear();
+    }
+    Some(control::Peer {
+        uid: cred.uid(),
+        gid: cred.gid(),
+        pid: cred.pid(),
+        groups,
+    })
 }
 
 /// Run the daemon until a signal or `unload`.
@@ -932,7 +1039,11 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
         path: opts.bpffs.clone(),
         source,
     })?;
-    let listener = bind_socket(&opts.socket)?;
+    let control_gid = control_gid(opts.control_group.as_deref())?;
+    let listener = bind_socket(&opts.socket, control_gid)?;
+    if let Some(w) = crate::trust::cgroup_escape_warning(&opts.cgroup, &cgroup_root) {
+        warn!("ztd: warning: {w}");
+    }
 
     let layout = Layout {
         bpffs: opts.bpffs.clone(),
@@ -960,6 +1071,7 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
         reported: Vec::new(),
         rewatch: false,
         flows: flows::Recorder::default(),
+        warnings: warnings.iter().map(ToString::to_string).collect(),
     };
     let flags = state.flags();
     // The same policy as the active slot holds (a restart): keep its generation.
@@ -1088,7 +1200,12 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
                     let state = Arc::clone(&state);
                     let history = Arc::clone(&history);
                     let unload_tx = unload_tx.clone();
-                    tokio::spawn(async move { serve(stream, state, history, unload_tx).await });
+                    // No credentials, no service (never the case on a unix socket).
+                    if let Some(peer) = peer_of(&stream) {
+                        tokio::spawn(async move {
+                            serve(stream, peer, control_gid, state, history, unload_tx).await
+                        });
+                    }
                 }
             }
             _ = hup.recv() => {
@@ -1195,8 +1312,12 @@ fn sig_err(source: std::io::Error) -> DaemonError {
     }
 }
 
+/// Answer the requests of one control connection, each if `peer` may make it
+/// ([`control::refusal`]); a refused request is answered with the reason and logged.
 async fn serve(
     stream: UnixStream,
+    peer: control::Peer,
+    control_gid: Option<u32>,
     state: Arc<Mutex<State>>,
     history: Arc<Mutex<History>>,
     unload_tx: mpsc::Sender<()>,
@@ -1205,6 +1326,25 @@ async fn serve(
     let mut lines = BufReader::new(read).lines();
     while let Ok(Some(line)) = lines.next_line().await {
         let mut unloaded = false;
+        if let Ok(req) = serde_json::from_str::<Request>(&line) {
+            if let Some(why) = control::refusal(&req, &peer, control_gid) {
+                warn!(
+                    "ztd: refused `{}` from uid {} (pid {}): {why}",
+                    req.name(),
+                    peer.uid,
+                    peer.pid.map_or_else(|| "?".to_string(), |p| p.to_string())
+                );
+                let response = Response::Error {
+                    message: why,
+                    diagnostics: Vec::new(),
+                };
+                let text = serde_json::to_string(&response).unwrap_or_default() + "\n";
+                if write.write_all(text.as_bytes()).await.is_err() {
+                    return;
+                }
+                continue;
+            }
+        }
         if let Ok(Request::Events { filter, follow }) = serde_json::from_str::<Request>(&line) {
             stream_events(&mut write, &history, filter, follow).await;
             return;

@@ -136,10 +136,10 @@ pub fn format_line(ev: &DecisionEvent, offset_ns: i128, exe: &str, rule: &str) -
         ev.tgid,
         ev.uid,
         ev.gid,
-        exe,
-        comm,
+        crate::trust::escape(exe),
+        crate::trust::escape(&comm),
         peer,
-        rule,
+        crate::trust::escape(rule),
         ev.generation
     )
 }

@@ -837,10 +837,16 @@ pub fn text_header() -> String {
 /// Long values are cut with `…`, except the peer: an IPv6 peer longer than its column
 /// pushes the rule to the right.
 pub fn format_text(r: &EventRecord) -> String {
-    let user = r.user.clone().unwrap_or_else(|| r.uid.to_string());
+    // Values from the system are escaped: a newline in a file name cannot start a line.
+    let escape = |s: &str| crate::trust::escape(s).into_owned();
+    let user = r
+        .user
+        .as_deref()
+        .map(escape)
+        .unwrap_or_else(|| r.uid.to_string());
     let exe = match &r.exe {
-        Some(path) => path.rsplit('/').next().unwrap_or(path).to_string(),
-        None => format!("[{}]", r.comm),
+        Some(path) => escape(path.rsplit('/').next().unwrap_or(path)),
+        None => format!("[{}]", escape(&r.comm)),
     };
     let mut line = format!(
         "{:<W_TIME$} {:<W_VERDICT$} {:<W_HOOK$} {:>W_PID$} {:<W_USER$} {:<W_EXE$} {:<W_PEER$} {}",
@@ -851,7 +857,7 @@ pub fn format_text(r: &EventRecord) -> String {
         fit(&user, W_USER),
         fit(&exe, W_EXE),
         r.peer(),
-        r.rule,
+        escape(&r.rule),
     );
     if r.suppressed > 0 {
         line.push_str(&format!(" (+{} suppressed)", r.suppressed));

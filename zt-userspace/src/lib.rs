@@ -9,6 +9,7 @@ pub mod events;
 pub mod loader;
 pub mod policy;
 pub mod sys;
+pub mod trust;
 pub mod xdp;
 
 // The event pipeline: history and filters, enrichment, metrics.

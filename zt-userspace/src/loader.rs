@@ -13,6 +13,11 @@
 //!
 //! **Generations.** A policy is written completely into the idle slot (diffed against what
 //! that slot holds, so small changes make few writes), then `ACTIVE` is flipped in one write.
+//! A program that read the old `ACTIVE` value may still be reading the slot just left: before
+//! that slot is written again (the next apply, a re-resolution, a rollback, the idle-slot
+//! catch-up) ztd waits for an RCU grace period ([`sys::rcu_grace_period`]), after which no
+//! program that started before the flip is still running. Two applies in a row therefore
+//! never write a slot a running decision may read.
 //!
 //! **Cheap reloads.** Writes and removals go in batches (`BPF_MAP_UPDATE_BATCH` /
 //! `DELETE_BATCH`, thousands of entries per syscall). Net classes and decision entries are
@@ -76,6 +81,8 @@ pub enum LoaderError {
         done: usize,
         source: std::io::Error,
     },
+    #[error("waiting for running programs to leave the old policy slot (RCU grace period) failed: {0}; nothing was written")]
+    GracePeriod(std::io::Error),
     #[error("pinned zt state in {bpffs} guards a different cgroup than {cgroup}: run `ztctl unload --bpffs {bpffs}` first, or use another --bpffs directory")]
     OtherCgroup { bpffs: PathBuf, cgroup: PathBuf },
 }
@@ -161,11 +168,17 @@ pub struct Loader {
     last_apply: ApplyStats,
     /// Per slot, the highest rule whose hit counter may be non-zero (`None`: all zero).
     hits_dirty: [Option<u32>; 2],
+    /// `ACTIVE` flipped (by this process, or by an earlier one before this start) and no RCU
+    /// grace period has passed since: the idle slot may still be read by a running program.
+    grace_owed: bool,
+    /// RCU grace periods waited for (for tests and `status`).
+    grace_periods: u64,
 }
 
 /// How long after a flip the old slot is left alone before [`Loader::sync_idle`] rewrites
-/// it: far longer than any program runs, so no decision that read the old `ACTIVE` value
-/// still looks at that slot.
+/// it: so that a burst of reloads does not also rewrite the idle slot after each one. (Safety
+/// does not rest on this delay: every write of the idle slot waits for an RCU grace period
+/// after the flip first.)
 const IDLE_SYNC_DELAY: Duration = Duration::from_millis(200);
 
 /// Map entries one apply wrote and removed.
@@ -447,6 +460,9 @@ impl Loader {
             flipped: None,
             last_apply: ApplyStats::default(),
             hits_dirty: [Some(MAX_RULES - 1); 2],
+            // An earlier ztd may have flipped just before it died.
+            grace_owed: true,
+            grace_periods: 0,
         })
     }
 
@@ -549,6 +565,7 @@ impl Loader {
         let mut stats = ApplyStats::default();
 
         let image = Arc::new(SlotImage::of(compiled));
+        self.settle()?;
         self.write_slot(slot, &image, &mut stats)?;
 
         // The XDP front door passes TCP/UDP to these ports (replies to our own egress).
@@ -575,9 +592,26 @@ impl Loader {
             .set(0, ActiveSlot { slot, _pad: 0 }, 0)
             .map_err(map_err("ACTIVE"))?;
         stats.updates += 1;
+        self.grace_owed = true;
         self.flipped = Some(Instant::now());
         self.last_apply = stats;
         Ok(generation)
+    }
+
+    /// Before writing the idle slot: if `ACTIVE` flipped since the last RCU grace period, wait
+    /// for one, so that no program that read the old `ACTIVE` still reads that slot.
+    fn settle(&mut self) -> Result<(), LoaderError> {
+        if self.grace_owed {
+            sys::rcu_grace_period().map_err(LoaderError::GracePeriod)?;
+            self.grace_owed = false;
+            self.grace_periods += 1;
+        }
+        Ok(())
+    }
+
+    /// RCU grace periods waited for since this loader started.
+    pub fn grace_periods(&self) -> u64 {
+        self.grace_periods
     }
 
     /// What the last [`Loader::apply`] wrote and removed.
@@ -735,6 +769,7 @@ impl Loader {
         }
         self.flipped = None;
         let mut stats = ApplyStats::default();
+        self.settle()?;
         self.write_slot(idle, &image, &mut stats)?;
         if let Some(upto) = self.hits_dirty[idle as usize & 1] {
             self.zero_hits(idle, upto, &mut stats)?;

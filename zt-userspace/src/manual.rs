@@ -158,7 +158,7 @@ const ZTD_SECTIONS: &[(&str, &[&str])] = &[
         &[
             "/etc/zt/ztd.toml\tThe configuration file.",
             "/etc/zt/policies\tThe default policy directory (every *.toml file in it).",
-            "/run/zt/ztd.sock\tThe control socket used by ztctl (mode 0600).",
+            "/run/zt/ztd.sock\tThe control socket used by ztctl (mode 0600; 0660 and the group of --control-group). Requests are authorised by the peer's credentials: changes from root only, status and events from root and --control-group members.",
             "/sys/fs/bpf/zt\tPinned programs, links and maps.",
             "/lib/systemd/system/ztd.service\tThe systemd unit (systemctl enable --now ztd).",
         ],
@@ -181,7 +181,7 @@ const ZTCTL_SECTIONS: &[(&str, &[&str])] = &[
     (
         "Files",
         &[
-            "/run/zt/ztd.sock\tztd's control socket (--socket); root only.",
+            "/run/zt/ztd.sock\tztd's control socket (--socket); changes from root only, status and events also from members of ztd's --control-group.",
             "/etc/zt/ztd.toml\tztd's configuration: its socket and bpffs settings, if any, are ztctl's defaults for --socket and unload --bpffs.",
             "/etc/zt/policies\tThe default policy directory.",
         ],

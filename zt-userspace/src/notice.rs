@@ -47,7 +47,10 @@ impl Notice {
     pub fn text(&self) -> String {
         format!(
             "{} notice {} identity={} {}",
-            self.time, self.kind, self.identity, self.message
+            self.time,
+            self.kind,
+            crate::trust::escape(&self.identity),
+            crate::trust::escape(&self.message)
         )
     }
 }

@@ -1,8 +1,9 @@
 //! The few kernel interfaces aya 0.14 does not expose: `BPF_LINK_UPDATE` (replace a pinned
 //! link's program in place, no detach window), `BPF_PROG_QUERY` (what the kernel says is
 //! attached to a cgroup), `BPF_OBJ_GET`, and the batch map commands (`BPF_MAP_*_BATCH`: many
-//! entries per syscall, which is what makes a 100k-rule load fast); plus finding the cgroup2
-//! and bpffs mounts.
+//! entries per syscall, which is what makes a 100k-rule load fast); waiting for an RCU grace
+//! period (so that no program still reads a policy slot that is about to be rewritten); plus
+//! finding the cgroup2 and bpffs mounts.
 
 use std::{
     ffi::CString,
@@ -12,6 +13,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
+const BPF_MAP_CREATE: libc::c_long = 0;
 const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
 const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
 const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
@@ -65,6 +67,62 @@ fn bpf(cmd: libc::c_long, attr: &mut Attr) -> io::Result<libc::c_long> {
     } else {
         Ok(ret)
     }
+}
+
+/// `BPF_MAP_TYPE_ARRAY` and `BPF_MAP_TYPE_ARRAY_OF_MAPS` (uapi/linux/bpf.h).
+const BPF_MAP_TYPE_ARRAY: u32 = 2;
+const BPF_MAP_TYPE_ARRAY_OF_MAPS: u32 = 12;
+/// `MEMBARRIER_CMD_GLOBAL` (uapi/linux/membarrier.h).
+const MEMBARRIER_CMD_GLOBAL: libc::c_int = 1;
+
+/// Wait until every BPF program that was running when this was called has finished: an RCU
+/// grace period (the programs zt attaches are non-sleepable and run inside
+/// `rcu_read_lock()`). After `ACTIVE` flips, a decision that read the old value may still be
+/// reading the old slot; once this returns, none is.
+///
+/// `membarrier(MEMBARRIER_CMD_GLOBAL)` waits for `synchronize_rcu()`, but only when more than
+/// one CPU is online (and it is refused on `nohz_full` kernels). Otherwise: an update of an
+/// array-of-maps from the `bpf()` syscall, which the kernel follows with `synchronize_rcu()`
+/// so that userspace knows no program still uses the old inner map (`maybe_wait_bpf_programs`
+/// in kernel/bpf/syscall.c).
+pub fn rcu_grace_period() -> io::Result<()> {
+    // SAFETY: sysconf has no memory effects.
+    let online = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
+    if online > 1 {
+        // SAFETY: membarrier takes no pointers.
+        let ret = unsafe { libc::syscall(libc::SYS_membarrier, MEMBARRIER_CMD_GLOBAL, 0, 0) };
+        if ret == 0 {
+            return Ok(());
+        }
+    }
+    map_in_map_sync()
+}
+
+/// One `BPF_MAP_UPDATE_ELEM` on a fresh one-slot array-of-maps: returns after a
+/// `synchronize_rcu()` (see [`rcu_grace_period`]).
+fn map_in_map_sync() -> io::Result<()> {
+    let create = |map_type: u32, inner: Option<BorrowedFd<'_>>| -> io::Result<OwnedFd> {
+        let mut attr = Attr::new();
+        attr.put_u32(0, map_type);
+        attr.put_u32(4, 4); // key_size
+        attr.put_u32(8, 4); // value_size (a map fd for the outer map)
+        attr.put_u32(12, 1); // max_entries
+        if let Some(fd) = inner {
+            attr.put_u32(20, fd.as_raw_fd() as u32); // inner_map_fd
+        }
+        let fd = bpf(BPF_MAP_CREATE, &mut attr)?;
+        // SAFETY: the kernel returned a new file descriptor that we now own.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+    };
+    let inner = create(BPF_MAP_TYPE_ARRAY, None)?;
+    let outer = create(BPF_MAP_TYPE_ARRAY_OF_MAPS, Some(inner.as_fd()))?;
+    let key: u32 = 0;
+    let value: u32 = inner.as_raw_fd() as u32;
+    let mut attr = Attr::new();
+    attr.put_u32(0, outer.as_raw_fd() as u32);
+    attr.put_u64(8, &key as *const u32 as u64);
+    attr.put_u64(16, &value as *const u32 as u64);
+    bpf(BPF_MAP_UPDATE_ELEM, &mut attr).map(|_| ())
 }
 
 /// Open a pinned BPF object (link, map or program).

@@ -36,6 +36,10 @@ enum Command {
         /// Policy files or directories of *.toml files, checked together as one policy.
         #[arg(required = true, value_name = "PATH")]
         paths: Vec<PathBuf>,
+        /// Do not refuse files a non-root user could change (for checking a working copy as
+        /// a developer; ztd always refuses them).
+        #[arg(long)]
+        no_owner_check: bool,
     },
     /// Show the daemon's health, generation, hooks and rule counters.
     Status {
@@ -137,7 +141,10 @@ fn main() -> ExitCode {
         installed_default(sub, "bpffs", bpffs);
     }
     match args.command {
-        Command::Check { paths } => check(&paths),
+        Command::Check {
+            paths,
+            no_owner_check,
+        } => check(&paths, !no_owner_check),
         Command::Status { json } => status(&args.socket, json),
         Command::Reload => reload(&args.socket),
         Command::Apply {
@@ -188,7 +195,17 @@ fn installed_default(matches: &clap::ArgMatches, id: &str, value: &mut PathBuf) 
     }
 }
 
-fn check(paths: &[PathBuf]) -> ExitCode {
+fn check(paths: &[PathBuf], owners: bool) -> ExitCode {
+    if owners {
+        // What ztd refuses (sshd's StrictModes): files a non-root user could change.
+        let untrusted = policy::untrusted_files(paths);
+        if !untrusted.is_empty() {
+            for d in &untrusted {
+                eprintln!("{d}");
+            }
+            return ExitCode::from(1);
+        }
+    }
     let cgroup_root = sys::cgroup2_root().unwrap_or_else(|_| PathBuf::from("/sys/fs/cgroup"));
     let resolver = SystemResolver { cgroup_root };
     match policy::load(paths, &resolver) {
@@ -293,6 +310,9 @@ fn print_status(st: &Status) {
     for p in &st.problems {
         println!("problem     {p}");
     }
+    for w in &st.warnings {
+        println!("warning     {}", zt::trust::escape(w));
+    }
     if st.repairs > 0 {
         println!("repairs     {}  last: {}", st.repairs, st.last_repair);
     }
@@ -311,7 +331,12 @@ fn print_status(st: &Status) {
             "COUNT", "IDENTITY"
         );
         for f in &st.top_denied {
-            println!("{:>8}  {:<40} {}", f.count, f.identity, f.peer);
+            println!(
+                "{:>8}  {:<40} {}",
+                f.count,
+                zt::trust::escape(&f.identity),
+                f.peer
+            );
         }
     }
     println!();
@@ -617,7 +642,12 @@ fn top(socket: &std::path::Path, interval: u64, iterations: Option<u64>) -> Exit
             "COUNT", "IDENTITY"
         );
         for f in st.top_denied.iter().take(10) {
-            println!("{:>8}  {:<40} {}", f.count, f.identity, f.peer);
+            println!(
+                "{:>8}  {:<40} {}",
+                f.count,
+                zt::trust::escape(&f.identity),
+                f.peer
+            );
         }
         frame += 1;
         if iterations.is_some_and(|n| frame >= n) {

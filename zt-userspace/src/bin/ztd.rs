@@ -99,6 +99,11 @@ struct Args {
     /// directory; default: the cgroup2 root).
     #[arg(long, value_name = "DIR")]
     units_root: Option<PathBuf>,
+    /// Members of this group (a name or a gid) may read `ztctl status` and `ztctl events`;
+    /// every request that changes something is accepted from root only, whatever the
+    /// socket's mode (requests are authorised by the peer's credentials). Default: root only.
+    #[arg(long, value_name = "GROUP")]
+    control_group: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -192,6 +197,7 @@ async fn main() -> std::process::ExitCode {
         watch: !args.no_watch,
         flows: args.flows.config(),
         units_root: args.units_root,
+        control_group: args.control_group,
     };
     match daemon::run(opts).await {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -189,3 +189,32 @@ fn bad_units_are_refused() {
         .iter()
         .any(|d| d.to_string().contains("both `unit` and `cgroup`")));
 }
+
+#[test]
+fn user_units_name_their_user() {
+    let (p, _) = load_one(&policy("user_unit = \"1000:sync.service\""), false).expect("valid");
+    let id = &p.identities()[0];
+    assert_eq!(id.unit.as_deref(), Some("user@1000.service/sync.service"));
+    for (value, want, column) in [
+        ("sync.service", "must be \"UID:NAME\"", 13),
+        ("alice:sync.service", "is not a numeric uid", 13),
+        ("1000:sync", "has no cgroup of its own", 13),
+        ("1000:a/b.service", "not a systemd unit name", 13),
+    ] {
+        let errs = load_one(&policy(&format!("user_unit = \"{value}\"")), false).expect_err(value);
+        let d = errs
+            .iter()
+            .find(|d| d.to_string().contains(want))
+            .unwrap_or_else(|| panic!("{value}: {errs:?}"));
+        // `path:line:column` of the value.
+        assert_eq!(d.column, column, "{value}: {d}");
+    }
+    let errs = load_one(
+        &policy("unit = \"web.service\"\nuser_unit = \"1000:web.service\""),
+        false,
+    )
+    .expect_err("both");
+    assert!(errs
+        .iter()
+        .any(|d| d.to_string().contains("both `unit` and `user_unit`")));
+}

@@ -367,6 +367,15 @@ pub fn read_sources(paths: &[PathBuf]) -> (Sources, Vec<Diagnostic>) {
     (sources, diags)
 }
 
+/// The policy paths and the files [`load`] would read from them that a non-root user could
+/// change ([`crate::trust::untrusted_reason`]), as error diagnostics: ztd refuses such a
+/// policy.
+pub fn untrusted_files(paths: &[PathBuf]) -> Vec<Diagnostic> {
+    let mut ignored = Vec::new();
+    let files = parse::discover(paths, &mut ignored);
+    crate::trust::policy_diagnostics(paths, &files)
+}
+
 /// Policy files as read: `(path, text)` in policy order.
 pub type Sources = Vec<(PathBuf, String)>;
 

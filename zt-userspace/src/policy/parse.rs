@@ -100,11 +100,29 @@ pub(crate) struct FileAst {
 
 const TOP_KEYS: &[&str] = &["version", "mode", "identity", "network", "rule"];
 const IDENTITY_KEYS: &[&str] = &[
-    "exe", "sha256", "user", "uid", "group", "gid", "cgroup", "unit", "raw",
+    "exe",
+    "sha256",
+    "user",
+    "uid",
+    "group",
+    "gid",
+    "cgroup",
+    "unit",
+    "user_unit",
+    "raw",
 ];
 /// The identity keys that select processes (`raw` only grants a permission, `sha256` only
 /// constrains `exe`).
-const MATCHING_KEYS: &[&str] = &["exe", "user", "uid", "group", "gid", "cgroup", "unit"];
+const MATCHING_KEYS: &[&str] = &[
+    "exe",
+    "user",
+    "uid",
+    "group",
+    "gid",
+    "cgroup",
+    "unit",
+    "user_unit",
+];
 const NETWORK_KEYS: &[&str] = &["cidrs"];
 const RULE_KEYS: &[&str] = &[
     "action",
@@ -685,12 +703,28 @@ impl Cx<'_> {
                 "unit" => {
                     if let Some(s) = self.string("unit", v, "") {
                         match unit_name(s) {
+                            Ok(()) if id.unit.is_some() => self.error(
+                                v.span(),
+                                format!("identity `{n}` has both `unit` and `user_unit`: keep one"),
+                            ),
                             Ok(()) => {
                                 id.unit = Some(At {
                                     v: s.to_string(),
                                     loc,
                                 })
                             }
+                            Err(msg) => self.error(v.span(), msg),
+                        }
+                    }
+                }
+                "user_unit" => {
+                    if let Some(s) = self.string("user_unit", v, "") {
+                        match user_unit(s) {
+                            Ok(key) if id.unit.is_none() => id.unit = Some(At { v: key, loc }),
+                            Ok(_) => self.error(
+                                v.span(),
+                                format!("identity `{n}` has both `unit` and `user_unit`: keep one"),
+                            ),
                             Err(msg) => self.error(v.span(), msg),
                         }
                     }
@@ -1137,6 +1171,25 @@ pub(crate) fn unit_name(s: &str) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+/// Checks `user_unit = "UID:NAME"` (a unit of user UID's systemd manager) and returns the
+/// key [`super::resolve::find_unit`] takes: `user@UID.service/NAME`.
+pub(crate) fn user_unit(s: &str) -> Result<String, String> {
+    let Some((uid, name)) = s.split_once(':') else {
+        return Err(format!(
+            "user_unit `{s}` must be \"UID:NAME\": the numeric uid of the user whose systemd \
+             manager runs the unit, and the unit's name, e.g. \"1000:syncthing.service\""
+        ));
+    };
+    let uid: u32 = uid.parse().map_err(|_| {
+        format!(
+            "user_unit `{s}`: `{uid}` is not a numeric uid (write e.g. \"1000:{name}\"; \
+             `id -u USER` prints it)"
+        )
+    })?;
+    unit_name(name).map_err(|m| format!("user_unit `{s}`: {m}"))?;
+    Ok(super::resolve::user_unit_key(uid, name))
 }
 
 /// Normalizes a cgroup path relative to the cgroup2 root.

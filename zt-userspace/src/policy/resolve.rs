@@ -42,6 +42,12 @@ pub trait Resolve {
         let _ = path;
         None
     }
+    /// Why a non-root user could replace the executable `path` resolves to (it, or a
+    /// directory above it, is not root's alone), or `None` ([`crate::trust`]).
+    fn exe_untrusted(&self, path: &Path) -> Option<String> {
+        let _ = path;
+        None
+    }
     /// True when re-resolving a loaded policy automatically (ztd noticed a change): an `exe`
     /// that is missing then disables its identity instead of refusing the whole policy.
     fn lenient(&self) -> bool {
@@ -104,6 +110,10 @@ impl Resolve for SystemResolver {
         std::fs::canonicalize(path).ok().filter(|p| p != path)
     }
 
+    fn exe_untrusted(&self, path: &Path) -> Option<String> {
+        crate::trust::untrusted_reason(path)
+    }
+
     fn cgroup_id(&self, rel: &str) -> io::Result<u64> {
         let rel_path = Path::new(rel);
         if rel.is_empty()
@@ -159,6 +169,9 @@ impl Resolve for LiveResolver {
     fn real_path(&self, path: &Path) -> Option<PathBuf> {
         self.system.real_path(path)
     }
+    fn exe_untrusted(&self, path: &Path) -> Option<String> {
+        self.system.exe_untrusted(path)
+    }
     fn lenient(&self) -> bool {
         self.lenient
     }
@@ -201,14 +214,94 @@ pub fn hex(bytes: &[u8]) -> String {
 /// How deep below the units root a unit's cgroup is searched.
 const UNIT_SEARCH_DEPTH: usize = 6;
 
+/// Is `name` a user manager's cgroup (`user@UID.service`)? Below it, the user creates cgroups.
+fn is_user_manager(name: &str) -> bool {
+    name.starts_with("user@") && name.ends_with(".service")
+}
+
+/// The unit a policy names, as [`find_unit`] takes it: `NAME` for a system unit, or
+/// `user@UID.service/NAME` for unit NAME of user UID's manager (`user_unit = "UID:NAME"`).
+pub fn user_unit_key(uid: u32, name: &str) -> String {
+    format!("user@{uid}.service/{name}")
+}
+
+/// Why the cgroup directory `dir` (below `cgroup_root`) is not one that only root, or only
+/// root and `owner`, can have made: a directory from `cgroup_root` down to `dir` that is owned
+/// by another uid or writable by group or others. `None`: trusted.
+fn untrusted_cgroup(cgroup_root: &Path, dir: &Path, owner: Option<(u32, &Path)>) -> Option<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut d = Some(dir);
+    while let Some(cur) = d {
+        if !cur.starts_with(cgroup_root) {
+            break;
+        }
+        let meta = match std::fs::metadata(cur) {
+            Ok(m) => m,
+            Err(e) => return Some(format!("{}: {e}", cur.display())),
+        };
+        let uid_ok = meta.uid() == 0
+            || owner.is_some_and(|(uid, below)| meta.uid() == uid && cur.starts_with(below));
+        if !uid_ok {
+            return Some(format!("{} is owned by uid {}", cur.display(), meta.uid()));
+        }
+        let mode = meta.permissions().mode() & 0o7777;
+        if mode & 0o022 != 0 {
+            return Some(format!(
+                "{} has mode {mode:04o} (group or others may create cgroups there)",
+                cur.display()
+            ));
+        }
+        if cur == cgroup_root {
+            break;
+        }
+        d = cur.parent();
+    }
+    None
+}
+
 /// Finds the cgroup of systemd unit `unit` below `units_root` (itself below `cgroup_root`, the
-/// cgroup2 mount), without systemd: `system.slice/UNIT` first, then `UNIT` directly below the
-/// root, then breadth-first through slices (`*.slice`) and user managers (`user@*.service`),
-/// at most [`UNIT_SEARCH_DEPTH`] levels down, in name order. Returns the path relative to
-/// `cgroup_root` and the cgroup id.
+/// cgroup2 mount), without systemd. Returns the path relative to `cgroup_root` and the cgroup
+/// id.
+///
+/// A unit's cgroup must be one a user cannot make: otherwise a user who creates a cgroup of
+/// the unit's name (in a subtree systemd delegated to it) while the real unit is not running
+/// would inherit the unit's rules. So:
+/// - a system unit (`NAME`) is searched in `system.slice/NAME`, then `NAME` directly below
+///   the root, then breadth-first through slices (`*.slice`), at most
+///   [`UNIT_SEARCH_DEPTH`] levels down, in name order — never below a user manager
+///   (`user@UID.service`), and only where every directory from the cgroup2 root down to the
+///   unit's is owned by root and writable by root alone;
+/// - a user unit (`user@UID.service/NAME`, from `user_unit = "UID:NAME"`) is searched below
+///   `user.slice/user-UID.slice/user@UID.service` (and its slices), where the directories
+///   from the manager down may be owned by UID too, and those above it by root only.
+///
+/// A candidate that fails these checks is skipped (the error, when nothing else is found,
+/// says why).
 pub fn find_unit(cgroup_root: &Path, units_root: &Path, unit: &str) -> io::Result<(String, u64)> {
-    let found = |dir: &Path| -> Option<io::Result<(String, u64)>> {
+    let (start, name, owner, system) = match unit.split_once('/') {
+        Some((manager, name)) => {
+            let uid = manager
+                .strip_prefix("user@")
+                .and_then(|m| m.strip_suffix(".service"))
+                .and_then(|u| u.parse::<u32>().ok())
+                .ok_or_else(|| {
+                    io::Error::new(io::ErrorKind::InvalidInput, format!("bad user unit {unit}"))
+                })?;
+            let start = units_root
+                .join("user.slice")
+                .join(format!("user-{uid}.slice"))
+                .join(manager);
+            (start, name, Some(uid), false)
+        }
+        None => (units_root.to_path_buf(), unit, None, true),
+    };
+    let mut skipped: Vec<String> = Vec::new();
+    let mut found = |dir: &Path| -> Option<io::Result<(String, u64)>> {
         let meta = std::fs::metadata(dir).ok().filter(|m| m.is_dir())?;
+        if let Some(why) = untrusted_cgroup(cgroup_root, dir, owner.map(|u| (u, start.as_path()))) {
+            skipped.push(why);
+            return None;
+        }
         Some(
             dir.strip_prefix(cgroup_root)
                 .map_err(|_| {
@@ -224,15 +317,17 @@ pub fn find_unit(cgroup_root: &Path, units_root: &Path, unit: &str) -> io::Resul
                 .map(|rel| (rel.to_string_lossy().into_owned(), meta.ino())),
         )
     };
-    for first in [
-        units_root.join("system.slice").join(unit),
-        units_root.join(unit),
-    ] {
+    let firsts = if system {
+        vec![start.join("system.slice").join(name), start.join(name)]
+    } else {
+        vec![start.join(name)]
+    };
+    for first in firsts {
         if let Some(r) = found(&first) {
             return r;
         }
     }
-    let mut level = vec![units_root.to_path_buf()];
+    let mut level = vec![start.clone()];
     for _ in 0..UNIT_SEARCH_DEPTH {
         let mut next = Vec::new();
         for dir in &level {
@@ -245,16 +340,15 @@ pub fn find_unit(cgroup_root: &Path, units_root: &Path, unit: &str) -> io::Resul
                 .filter_map(|e| e.file_name().into_string().ok())
                 .collect();
             names.sort();
-            for name in names {
-                if name == unit {
-                    if let Some(r) = found(&dir.join(&name)) {
+            for n in names {
+                if n == name {
+                    if let Some(r) = found(&dir.join(&n)) {
                         return r;
                     }
                 }
-                if name.ends_with(".slice")
-                    || (name.starts_with("user@") && name.ends_with(".service"))
-                {
-                    next.push(dir.join(&name));
+                // A system unit never lives below a user manager: that is the user's tree.
+                if n.ends_with(".slice") {
+                    next.push(dir.join(&n));
                 }
             }
         }
@@ -263,12 +357,24 @@ pub fn find_unit(cgroup_root: &Path, units_root: &Path, unit: &str) -> io::Resul
         }
         level = next;
     }
+    let ignored = if skipped.is_empty() {
+        String::new()
+    } else {
+        format!(
+            "; ignored, as a user could have made them: {}",
+            skipped.join(", ")
+        )
+    };
     Err(io::Error::new(
         io::ErrorKind::NotFound,
-        format!(
-            "no cgroup named {unit} below {} (system.slice, user slices, nested slices)",
-            units_root.display()
-        ),
+        if system {
+            format!(
+                "no cgroup named {name} below {} (system.slice, slices; not below user managers){ignored}",
+                units_root.display()
+            )
+        } else {
+            format!("no cgroup named {name} below {}{ignored}", start.display())
+        },
     ))
 }
 
@@ -286,8 +392,7 @@ pub fn unit_search_dirs(units_root: &Path) -> Vec<PathBuf> {
             for e in entries.flatten() {
                 let name = e.file_name().to_string_lossy().into_owned();
                 if e.file_type().is_ok_and(|t| t.is_dir())
-                    && (name.ends_with(".slice")
-                        || (name.starts_with("user@") && name.ends_with(".service")))
+                    && (name.ends_with(".slice") || is_user_manager(&name))
                 {
                     next.push(e.path());
                 }
@@ -375,15 +480,58 @@ mod tests {
                 ino("units/system.slice/a.service")
             )
         );
+        // A unit below a user manager is the user's: not a system unit, only a user unit.
         let b = "units/user.slice/user-1000.slice/user@1000.service/app.slice/b.service";
+        let e = find_unit(root.path(), &units, "b.service").expect_err("b is the user's");
+        assert_eq!(e.kind(), io::ErrorKind::NotFound);
         assert_eq!(
-            find_unit(root.path(), &units, "b.service").expect("b"),
+            find_unit(root.path(), &units, &user_unit_key(1000, "b.service")).expect("b"),
             (b.into(), ino(b))
         );
+        assert!(find_unit(root.path(), &units, &user_unit_key(1001, "b.service")).is_err());
         assert_eq!(
             find_unit(root.path(), &units, "c.service").expect("c").0,
             "units/c.slice/d.slice/c.service"
         );
+        if nix::unistd::Uid::effective().is_root() {
+            use std::os::unix::fs::PermissionsExt;
+            // A cgroup a user made (owned by it), or a slice others may write, is not a
+            // system unit's, even outside user managers.
+            std::fs::create_dir_all(root.path().join("units/evil.slice/e.service")).expect("mkdir");
+            std::os::unix::fs::chown(root.path().join("units/evil.slice"), Some(65534), None)
+                .expect("chown");
+            let e = find_unit(root.path(), &units, "e.service").expect_err("user-made");
+            assert!(e.to_string().contains("uid 65534"), "{e}");
+            std::fs::create_dir_all(root.path().join("units/open.slice/o.service")).expect("mkdir");
+            std::fs::set_permissions(
+                root.path().join("units/open.slice"),
+                std::fs::Permissions::from_mode(0o777),
+            )
+            .expect("chmod");
+            let e = find_unit(root.path(), &units, "o.service").expect_err("world-writable");
+            assert!(e.to_string().contains("mode 0777"), "{e}");
+            // The user's own subtree is fine for its user units.
+            let mgr = root
+                .path()
+                .join("units/user.slice/user-1000.slice/user@1000.service");
+            for d in [
+                mgr.clone(),
+                mgr.join("app.slice"),
+                mgr.join("app.slice/b.service"),
+            ] {
+                std::os::unix::fs::chown(&d, Some(1000), None).expect("chown");
+            }
+            assert_eq!(
+                find_unit(root.path(), &units, &user_unit_key(1000, "b.service"))
+                    .expect("b")
+                    .0,
+                b
+            );
+            // ...but not another user's cgroup in it.
+            std::os::unix::fs::chown(mgr.join("app.slice/b.service"), Some(1001), None)
+                .expect("chown");
+            assert!(find_unit(root.path(), &units, &user_unit_key(1000, "b.service")).is_err());
+        }
         // Only slices and user managers are searched.
         let e = find_unit(root.path(), &units, "x.service").expect_err("x");
         assert_eq!(e.kind(), io::ErrorKind::NotFound);

@@ -352,7 +352,7 @@ port = [80]
     has(
         &d,
         "p.toml:5:1: unknown key `exec` in identity `a` (did you mean `exe`?)",
-        "allowed keys: exe, sha256, user, uid, group, gid, cgroup, unit, raw",
+        "allowed keys: exe, sha256, user, uid, group, gid, cgroup, unit, user_unit, raw",
     );
     has(
         &d,

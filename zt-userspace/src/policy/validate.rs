@@ -202,6 +202,20 @@ fn resolve_identity(
                         problem = Some(text);
                     }
                 }
+                if id.sha256.is_none() {
+                    if let Some(why) = resolver.exe_untrusted(&exe.v) {
+                        diags.push(Diagnostic::warning(
+                            path,
+                            exe.loc,
+                            format!(
+                                "identity `{}` trusts an executable a non-root user can replace: \
+                                 {why}; pin its content with sha256 = \"...\" (`sha256sum FILE`) \
+                                 or install it where only root can write",
+                                id.name
+                            ),
+                        ));
+                    }
+                }
                 Some(ExeMatch {
                     path: exe.v.clone(),
                     key,
