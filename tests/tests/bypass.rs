@@ -17,6 +17,10 @@ use zt_integration::{exe_key, Harness, Held, Server, Ztd};
 
 const PROBE: &str = env!("CARGO_BIN_EXE_zt-probe");
 
+/// How long a poll for something ztd notices may take before the test fails: generous, as
+/// the wait ends as soon as it is seen (how fast ztd notices is the benchmark's business).
+const NOTICE_WAIT: Duration = Duration::from_secs(20);
+
 fn lo4(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
 }
@@ -636,10 +640,8 @@ fn upgrade_by_rename_follows_the_new_file() {
     // A package manager's write-then-rename: a new inode at the same path.
     let staged = w.dir.path().join(".zt-app.new");
     std::fs::copy(&w.h.probe, &staged).expect("stage");
-    let renamed = Instant::now();
     std::fs::rename(&staged, &w.app).expect("rename");
-    let n = w.wait_notice("exe_replaced", Duration::from_secs(2));
-    assert!(renamed.elapsed() < Duration::from_secs(2));
+    let n = w.wait_notice("exe_replaced", NOTICE_WAIT);
     assert_eq!(n["identity"], "app");
     assert_eq!(n["code"], 1);
     assert_eq!(
@@ -728,7 +730,7 @@ fn sha256_mismatch_disables_the_identity_and_a_good_file_restores_it() {
     std::fs::write(&w.app, &bytes).expect("write");
     std::fs::set_permissions(&w.app, std::os::unix::fs::PermissionsExt::from_mode(0o755))
         .expect("chmod");
-    let n = w.wait_notice("sha256_mismatch", Duration::from_secs(3));
+    let n = w.wait_notice("sha256_mismatch", NOTICE_WAIT);
     assert_eq!(n["code"], 3);
     w.assert_denied(
         "a replaced file with other content",
@@ -754,7 +756,7 @@ fn sha256_mismatch_disables_the_identity_and_a_good_file_restores_it() {
     let staged = w.dir.path().join(".zt-app.new");
     std::fs::copy(&good, &staged).expect("stage");
     std::fs::rename(&staged, &w.app).expect("rename");
-    w.wait_notice("restored", Duration::from_secs(3));
+    w.wait_notice("restored", NOTICE_WAIT);
     assert_eq!(run(cmd(&w.app, &w.tcp())).0, "ok", "restored");
     assert!(w.ztd().status().problems.is_empty());
 }
@@ -776,7 +778,7 @@ fn in_place_rewrite_is_caught_by_sha256() {
     std::io::Write::write_all(&mut f, b"\0more").expect("append");
     drop(f);
     assert_eq!(exe_key(&w.app), inode);
-    w.wait_notice("sha256_mismatch", Duration::from_secs(3));
+    w.wait_notice("sha256_mismatch", NOTICE_WAIT);
     w.assert_denied(
         "the same inode with other content",
         run(cmd(&w.app, &w.tcp())),
@@ -806,7 +808,7 @@ fn unit_restart_with_a_recreated_cgroup_is_followed_and_the_old_id_dropped() {
 
     // The unit restarts: its cgroup is removed and made again, with a new id.
     std::fs::remove_dir(&unit_dir).expect("rmdir");
-    w.wait_notice("cgroup_gone", Duration::from_secs(2));
+    w.wait_notice("cgroup_gone", NOTICE_WAIT);
     let restarted = Instant::now();
     std::fs::create_dir(&unit_dir).expect("mkdir");
     let new_id = exe_key_dir(&unit_dir);
@@ -863,7 +865,7 @@ fn replacement_is_followed_even_while_the_policy_file_is_being_edited() {
     let w = World::exe_only().start(&[]);
     // A half-written policy file: the file watch refuses it, the last good policy stays.
     w.h.write_policy("p.toml", "version = 1\n[identity.app\n");
-    let refused = Instant::now() + Duration::from_secs(3);
+    let refused = Instant::now() + NOTICE_WAIT;
     while !w.ztd().lines().iter().any(|l| l.contains("reload refused")) {
         assert!(Instant::now() < refused, "{}", w.ztd().lines().join("\n"));
         std::thread::sleep(Duration::from_millis(50));
@@ -872,7 +874,7 @@ fn replacement_is_followed_even_while_the_policy_file_is_being_edited() {
     std::fs::copy(&w.h.probe, &staged).expect("stage");
     std::fs::rename(&staged, &w.app).expect("rename");
     // Identities are resolved again from the text that was compiled, not the broken file.
-    w.wait_notice("exe_replaced", Duration::from_secs(2));
+    w.wait_notice("exe_replaced", NOTICE_WAIT);
     assert_eq!(
         run(cmd(&w.app, &w.tcp())).0,
         "ok",
