@@ -220,6 +220,9 @@ pub struct Status {
     /// Each declared identity, what it resolved to, and whether it can match now.
     #[serde(default)]
     pub identities_resolved: Vec<IdentityStatus>,
+    /// Hooks this kernel could not load, which ztd runs without (`--allow-missing-hooks`).
+    #[serde(default)]
+    pub degraded: Vec<crate::support::MissingHook>,
 }
 
 /// One identity in `status`: what its names resolved to on this system.

@@ -289,6 +289,9 @@ fn print_status(st: &Status) {
     for p in &st.problems {
         println!("problem     {p}");
     }
+    for m in &st.degraded {
+        println!("DEGRADED    {m}");
+    }
     if st.repairs > 0 {
         println!("repairs     {}  last: {}", st.repairs, st.last_repair);
     }
