@@ -136,21 +136,21 @@ const RESULT: &str = "ZT-VM-RESULT: ";
 
 pub fn vm_test(ctx: &Ctx, opts: &Opts) -> Result<()> {
     let started = Instant::now();
-    if !opts.no_build {
-        setup::setup(ctx)?;
-        tasks::build(ctx)?;
-    }
     let qemu = ensure_tool("qemu-system-x86_64", "qemu-system-x86")?;
     let busybox = ensure_tool("busybox", "busybox-static")?;
     let vm_dir = ctx.target_dir.join("vm");
     std::fs::create_dir_all(&vm_dir).with_context(|| format!("creating {}", vm_dir.display()))?;
-
+    // First, so that an unavailable kernel is said before any build.
     let kernel = resolve_kernel(ctx, &opts.kernel)?;
     println!(
         "vm-test: kernel {} ({})",
         kernel.release,
         kernel.vmlinuz.display()
     );
+    if !opts.no_build {
+        setup::setup(ctx)?;
+        tasks::build(ctx)?;
+    }
     let built = build_tests(ctx)?;
     let suite = plan(opts.suite, &built)?;
     let expected: usize = suite.iter().map(|r| r.tests.len()).sum();
