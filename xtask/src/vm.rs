@@ -978,6 +978,27 @@ mod tests {
     }
 
     #[test]
+    fn modules_come_after_their_dependencies_and_builtins_are_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let net = dir.path().join("kernel/drivers/net");
+        std::fs::create_dir_all(&net).unwrap();
+        std::fs::write(net.join("veth.ko"), b"\0license=GPL\0depends=dep_a,core\0").unwrap();
+        std::fs::write(net.join("dep-a.ko"), b"\0depends=core\0").unwrap();
+        std::fs::write(net.join("core.ko"), b"\0depends=\0").unwrap();
+        std::fs::write(
+            dir.path().join("modules.builtin"),
+            "kernel/net/ipv6/ipv6.ko\n",
+        )
+        .unwrap();
+        let mut out = Vec::new();
+        module_closure(dir.path(), "veth", &mut out).unwrap();
+        module_closure(dir.path(), "ipv6", &mut out).unwrap();
+        let names: Vec<&str> = out.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["core", "dep_a", "veth"]);
+        assert!(module_closure(dir.path(), "absent", &mut out).is_err());
+    }
+
+    #[test]
     fn kernel_argument() {
         assert!(matches!("6.1".parse(), Ok(Kernel::Debian61)));
         assert!(matches!("host".parse(), Ok(Kernel::Host)));
