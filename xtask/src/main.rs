@@ -5,7 +5,7 @@
 //! - `ZT_BPF_LINKER_ROOT`: install/use bpf-linker under this root instead of `~/.cargo`;
 //! - `ZT_TEST_THREADS`: `--test-threads` of `cargo xtask test` (default 2);
 //! - `ZT_BENCH_ROUNDS`: rounds per scenario of `cargo xtask bench` (default 7, `--quick` 1);
-//! - `ZT_VM_TEST_THREADS`: `--test-threads` inside the `vm-test` guest (default 1).
+//! - `ZT_VM_TEST_THREADS`: `--test-threads` inside the `vm-test` guest (default 2).
 
 mod bench;
 mod install;

@@ -826,14 +826,15 @@ fn time_scale() -> u32 {
         .unwrap_or(10)
 }
 
-/// Tests in parallel inside the guest (`ZT_VM_TEST_THREADS`, default 1: the emulated CPUs
-/// are slow and the harness's waits are finite).
+/// Tests in parallel inside the guest (`ZT_VM_TEST_THREADS`, default 2: one per emulated
+/// CPU; each test spends most of its time in ztd's start, and the harness's waits are
+/// stretched by [`time_scale`]).
 fn guest_threads() -> u32 {
     std::env::var("ZT_VM_TEST_THREADS")
         .ok()
         .and_then(|v| v.parse().ok())
         .filter(|n| *n > 0)
-        .unwrap_or(1)
+        .unwrap_or(2)
 }
 
 struct Outcome {
