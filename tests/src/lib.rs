@@ -39,6 +39,19 @@ pub fn bin_dir() -> PathBuf {
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release"))
 }
 
+/// `d` times `$ZT_TEST_TIME_SCALE` (default 1): the harness's finite waits (ztd ready,
+/// status answers, output lines) stretched for slow machines, e.g. an emulated CPU in
+/// `cargo xtask vm-test`. A wait polls its condition, so a bigger scale costs nothing when
+/// things are fast.
+pub fn patience(d: Duration) -> Duration {
+    let scale = std::env::var("ZT_TEST_TIME_SCALE")
+        .ok()
+        .and_then(|s| s.parse::<u32>().ok())
+        .filter(|s| *s > 0)
+        .unwrap_or(1);
+    d * scale
+}
+
 pub fn bin(name: &str) -> PathBuf {
     let path = bin_dir().join(name);
     assert!(
@@ -191,7 +204,7 @@ impl Ztd {
 
     /// After the process exited: wait (up to 5 s) until its last lines are collected.
     fn drain_output(&mut self) {
-        let end = Instant::now() + Duration::from_secs(5);
+        let end = Instant::now() + patience(Duration::from_secs(5));
         while Instant::now() < end && self.readers.iter().any(|r| !r.is_finished()) {
             std::thread::sleep(Duration::from_millis(10));
         }
@@ -210,7 +223,7 @@ impl Ztd {
 
     /// Wait for a line of output containing every one of `needles`.
     pub fn wait_line(&self, needles: &[&str], timeout: Duration) -> Option<String> {
-        let end = Instant::now() + timeout;
+        let end = Instant::now() + patience(timeout);
         while Instant::now() < end {
             if let Some(l) = self
                 .lines()
@@ -225,7 +238,11 @@ impl Ztd {
     }
 
     pub fn status(&self) -> Status {
-        match control::request(&self.socket, &Request::Status, Duration::from_secs(20)) {
+        match control::request(
+            &self.socket,
+            &Request::Status,
+            patience(Duration::from_secs(20)),
+        ) {
             Ok(Response::Status(st)) => *st,
             other => panic!(
                 "status failed: {other:?}\nztd output:\n{}",
@@ -271,6 +288,14 @@ impl Ztd {
 
 impl Drop for Ztd {
     fn drop(&mut self) {
+        // A failing test shows ztd's log (libtest prints a failed test's output): the VM
+        // runs of `cargo xtask vm-test` have no other way to see it.
+        if std::thread::panicking() {
+            eprintln!(
+                "--- ztd output ---\n{}\n--- end of ztd output ---",
+                self.lines().join("\n")
+            );
+        }
         self.kill9();
         let _ = std::fs::remove_file(&self.socket);
     }
@@ -335,14 +360,16 @@ impl Harness {
     /// Start `ztd` and wait until it answers `status`.
     pub fn start_ztd(&self, extra: &[&str]) -> Ztd {
         let ztd = self.spawn_ztd(extra);
-        self.wait_ready(ztd, Instant::now() + Duration::from_secs(30))
+        self.wait_ready(ztd, Instant::now() + patience(Duration::from_secs(30)))
     }
 
     fn wait_ready(&self, mut ztd: Ztd, end: Instant) -> Ztd {
         loop {
-            if let Ok(Response::Status(_)) =
-                control::request(&self.socket, &Request::Status, Duration::from_secs(5))
-            {
+            if let Ok(Response::Status(_)) = control::request(
+                &self.socket,
+                &Request::Status,
+                patience(Duration::from_secs(5)),
+            ) {
                 return ztd;
             }
             if let Some(st) = ztd.wait_exit(Duration::from_millis(100)) {
@@ -353,7 +380,8 @@ impl Harness {
             }
             assert!(
                 Instant::now() < end,
-                "ztd not ready after 30 s:\n{}",
+                "ztd not ready after {:?}:\n{}",
+                patience(Duration::from_secs(30)),
                 ztd.lines().join("\n")
             );
         }
@@ -368,7 +396,7 @@ impl Harness {
     /// it answers `status`.
     pub fn start_ztd_cmd(&self, cmd: Command) -> Ztd {
         let ztd = self.spawn_ztd_cmd(cmd);
-        self.wait_ready(ztd, Instant::now() + Duration::from_secs(30))
+        self.wait_ready(ztd, Instant::now() + patience(Duration::from_secs(30)))
     }
 
     /// Start `ztd` as `cmd` without waiting.
@@ -950,7 +978,7 @@ impl Harness {
     /// interface of `netns`, never one of the main namespace.
     pub fn start_ztd_in_netns(&self, netns: &Path, extra: &[&str]) -> Ztd {
         let ztd = self.spawn_ztd_in_netns(netns, extra);
-        self.wait_ready(ztd, Instant::now() + Duration::from_secs(30))
+        self.wait_ready(ztd, Instant::now() + patience(Duration::from_secs(30)))
     }
 
     /// Like [`Harness::start_ztd_in_netns`], without waiting.
@@ -1004,7 +1032,7 @@ impl Harness {
         let offsets = zt::btf::kernel_offsets().expect("kernel offsets");
         // The cgroup programs are loaded, not attached: only `attach_or_adopt` attaches.
         let mut loader =
-            zt::loader::Loader::load(&layout, &self.cgroup.path, offsets).expect("load");
+            zt::loader::Loader::load(&layout, &self.cgroup.path, offsets, false).expect("load");
         loader.apply(&compiled, flags).expect("apply");
         let front = zt::xdp::XdpFront::load(&layout).expect("load XDP");
         XdpFixture {

@@ -1,10 +1,11 @@
-//! zt's developer tasks: `cargo xtask setup|build|test|run|bench|install|deb` (see the README's Development section).
+//! zt's developer tasks: `cargo xtask setup|build|test|run|bench|install|deb|vm-test` (see the README's Development section).
 //!
 //! Environment:
 //! - `ZT_NIGHTLY`: toolchain that setup checks for the eBPF build (default `nightly`);
 //! - `ZT_BPF_LINKER_ROOT`: install/use bpf-linker under this root instead of `~/.cargo`;
 //! - `ZT_TEST_THREADS`: `--test-threads` of `cargo xtask test` (default 2);
-//! - `ZT_BENCH_ROUNDS`: rounds per scenario of `cargo xtask bench` (default 7, `--quick` 1).
+//! - `ZT_BENCH_ROUNDS`: rounds per scenario of `cargo xtask bench` (default 7, `--quick` 1);
+//! - `ZT_VM_TEST_THREADS`: `--test-threads` inside the `vm-test` guest (default 2).
 
 mod bench;
 mod install;
@@ -13,6 +14,7 @@ mod run;
 mod setup;
 mod tasks;
 mod util;
+mod vm;
 
 use std::{ffi::OsString, process::ExitCode};
 
@@ -72,6 +74,20 @@ enum Cmd {
     /// The install and package checks of `test` alone (needs a release build): install into
     /// a temp dir and unpack the .deb, compare with the documented file lists.
     CheckPackaging,
+    /// Boot another kernel under QEMU (TCG) with an initramfs of the release binaries and
+    /// the integration tests, and run a suite inside it (see xtask/src/vm.rs). Kernels and
+    /// the console log are kept under target/vm/.
+    VmTest {
+        /// `6.1` (Debian 12's newest 6.1, downloaded with apt-get), `host` (the running
+        /// kernel's image, when it is on disk) or PATH to a vmlinuz or a linux-image .deb.
+        #[arg(long, default_value = "6.1")]
+        kernel: vm::Kernel,
+        #[arg(long, value_enum, default_value = "smoke")]
+        suite: vm::Suite,
+        /// Kill the VM after this many seconds (default: 1800 for smoke, 10800 for full).
+        #[arg(long, value_name = "SECS")]
+        timeout: Option<u64>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -105,6 +121,19 @@ fn dispatch(cmd: Cmd) -> Result<u8> {
             install::check_install(&ctx)?;
             install::check_deb(&ctx)?;
         }
+        Cmd::VmTest {
+            kernel,
+            suite,
+            timeout,
+        } => vm::vm_test(
+            &ctx()?,
+            &vm::Opts {
+                kernel,
+                suite,
+                timeout,
+                no_build: false,
+            },
+        )?,
     }
     Ok(0)
 }

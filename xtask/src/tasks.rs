@@ -58,16 +58,16 @@ fn step(name: &'static str, run: impl Fn(&Ctx) -> Result<()> + 'static) -> Step 
 
 /// Totals of cargo test's `test result:` lines.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
-struct Counts {
-    passed: u64,
-    failed: u64,
-    ignored: u64,
+pub struct Counts {
+    pub passed: u64,
+    pub failed: u64,
+    pub ignored: u64,
 }
 
 impl Counts {
     /// Add a libtest summary line:
     /// `test result: ok. 11 passed; 0 failed; 1 ignored; 0 measured; 0 filtered out; ...`.
-    fn add_line(&mut self, line: &str) {
+    pub fn add_line(&mut self, line: &str) {
         let Some(rest) = line.trim().strip_prefix("test result:") else {
             return;
         };
@@ -165,6 +165,19 @@ pub fn test(ctx: &Ctx) -> Result<()> {
             let result = util::run_tee(&mut cmd, |line| c.add_line(line));
             tally.set(Some(c));
             result
+        }),
+        // Debian 12's kernel under QEMU: the smoke suite of the integration tests inside a
+        // guest (xtask/src/vm.rs); the host's cgroups, bpffs and interfaces are not touched.
+        step("vm-test (Debian 6.1 under QEMU, smoke suite)", |ctx| {
+            crate::vm::vm_test(
+                ctx,
+                &crate::vm::Opts {
+                    kernel: crate::vm::Kernel::Debian61,
+                    suite: crate::vm::Suite::Smoke,
+                    timeout: None,
+                    no_build: true,
+                },
+            )
         }),
         // Last: every benchmark scenario runs end to end with reduced sizes (no thresholds).
         step("bench --quick (smoke test)", |ctx| {

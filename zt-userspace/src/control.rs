@@ -307,6 +307,9 @@ pub struct Status {
     /// non-root user can replace (without `sha256`), other warnings of the policy in force.
     #[serde(default)]
     pub warnings: Vec<String>,
+    /// Hooks this kernel could not load, which ztd runs without (`--allow-missing-hooks`).
+    #[serde(default)]
+    pub degraded: Vec<crate::support::MissingHook>,
 }
 
 /// One identity in `status`: what its names resolved to on this system.

@@ -118,6 +118,9 @@ pub struct Options {
     /// How often the kernel state is checked for tampering and repaired (`--check-interval`;
     /// zero: never repaired, `status` still reports problems).
     pub check_interval: Duration,
+    /// Start without the cgroup hooks this kernel cannot load (`--allow-missing-hooks`),
+    /// naming each; refused otherwise (see [`crate::support`]).
+    pub allow_missing_hooks: bool,
     /// Reload when the policy files change (inotify; `--no-watch` turns it off).
     pub watch: bool,
     /// The persistent flow store (`--flows-*`; `None`: `--no-flows`).
@@ -802,6 +805,7 @@ impl State {
             })
             .collect();
         Response::Status(Box::new(Status {
+            degraded: self.loader.missing().to_vec(),
             healthy,
             mode: self.opts.mode.as_str().to_string(),
             generation,
@@ -1048,7 +1052,10 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
     let layout = Layout {
         bpffs: opts.bpffs.clone(),
     };
-    let loader = Loader::load(&layout, &opts.cgroup, offsets)?;
+    let loader = Loader::load(&layout, &opts.cgroup, offsets, opts.allow_missing_hooks)?;
+    for m in loader.missing() {
+        warn!("ztd: warning: {m}; running without it (--allow-missing-hooks): what it guards goes unjudged");
+    }
     let mut state = State {
         units_root,
         sources,
@@ -1109,14 +1116,28 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
         warn!("ztd: an XDP front door pinned by an earlier run is still attached to {iface} (not managed: no --xdp {iface}); `ztctl unload` or removing {} detaches it", xdp::link_path(&layout, &iface).display());
     }
     say!(
-        "ztd: guarding {} in {} mode, {summary}; {} hooks {} (pinned under {}); control socket {}",
+        "ztd: guarding {} in {} mode, {summary}; {} hooks {}{} (pinned under {}); control socket {}",
         opts.cgroup.display(),
         opts.mode.as_str(),
-        loader::CGROUP_HOOKS.len(),
+        state.loader.hooks().len(),
         if adopted > 0 {
             "adopted from pins, programs replaced in place"
         } else {
             "attached"
+        },
+        if state.loader.missing().is_empty() {
+            String::new()
+        } else {
+            format!(
+                ", DEGRADED: {} missing",
+                state
+                    .loader
+                    .missing()
+                    .iter()
+                    .map(|m| m.hook.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
         },
         opts.bpffs.display(),
         opts.socket.display()

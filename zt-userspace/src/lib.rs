@@ -8,6 +8,7 @@ pub mod daemon;
 pub mod events;
 pub mod loader;
 pub mod policy;
+pub mod support;
 pub mod sys;
 pub mod trust;
 pub mod xdp;

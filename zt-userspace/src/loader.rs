@@ -83,6 +83,8 @@ pub enum LoaderError {
     },
     #[error("waiting for running programs to leave the old policy slot (RCU grace period) failed: {0}; nothing was written")]
     GracePeriod(std::io::Error),
+    #[error("{0}")]
+    MissingHooks(String),
     #[error("pinned zt state in {bpffs} guards a different cgroup than {cgroup}: run `ztctl unload --bpffs {bpffs}` first, or use another --bpffs directory")]
     OtherCgroup { bpffs: PathBuf, cgroup: PathBuf },
 }
@@ -173,6 +175,11 @@ pub struct Loader {
     grace_owed: bool,
     /// RCU grace periods waited for (for tests and `status`).
     grace_periods: u64,
+    /// The cgroup hooks loaded (all of [`CGROUP_HOOKS`] unless some are missing).
+    hooks: Vec<Hook>,
+    /// Hooks this kernel could not load, run without by the operator's leave
+    /// (`--allow-missing-hooks`, see [`crate::support`]).
+    missing: Vec<crate::support::MissingHook>,
 }
 
 /// How long after a flip the old slot is left alone before [`Loader::sync_idle`] rewrites
@@ -426,11 +433,13 @@ pub struct HookHealth {
 }
 
 impl Loader {
-    /// Load the programs against the pinned maps (creating them on first start).
+    /// Load the programs against the pinned maps (creating them on first start). A hook the
+    /// kernel cannot load is an error unless `allow_missing` (see [`crate::support`]).
     pub fn load(
         layout: &Layout,
         cgroup: &Path,
         offsets: KernelOffsets,
+        allow_missing: bool,
     ) -> Result<Loader, LoaderError> {
         let maps_dir = layout.maps_dir();
         std::fs::create_dir_all(&maps_dir).map_err(io_err(&maps_dir))?;
@@ -440,12 +449,23 @@ impl Loader {
             .default_map_pin_directory(&maps_dir)
             .override_global("KERNEL_OFFSETS", &offsets, true)
             .load(EBPF_OBJECT)?;
+        let mut hooks = Vec::new();
+        let mut failed = Vec::new();
         for hook in CGROUP_HOOKS {
-            load_program(&mut ebpf, hook).map_err(|source| LoaderError::Program {
-                hook: hook.name(),
-                source,
-            })?;
+            match load_program(&mut ebpf, hook) {
+                Ok(()) => hooks.push(hook),
+                // Not this kernel's fault: the object lacks the program.
+                Err(source @ ProgramError::NotLoaded) => {
+                    return Err(LoaderError::Program {
+                        hook: hook.name(),
+                        source,
+                    })
+                }
+                Err(e) => failed.push((hook, e.to_string())),
+            }
         }
+        let missing = crate::support::decide(&failed, CGROUP_HOOKS.len(), allow_missing)
+            .map_err(LoaderError::MissingHooks)?;
         let pinned_maps = ebpf
             .maps()
             .map(|(name, _)| name.to_string())
@@ -463,7 +483,19 @@ impl Loader {
             // An earlier ztd may have flipped just before it died.
             grace_owed: true,
             grace_periods: 0,
+            hooks,
+            missing,
         })
+    }
+
+    /// The cgroup hooks loaded and attached by this loader.
+    pub fn hooks(&self) -> &[Hook] {
+        &self.hooks
+    }
+
+    /// Hooks this kernel could not load (empty unless `--allow-missing-hooks`).
+    pub fn missing(&self) -> &[crate::support::MissingHook] {
+        &self.missing
     }
 
     /// Attach every hook to the cgroup, or adopt the pinned link by replacing its program.
@@ -471,7 +503,7 @@ impl Loader {
     pub fn attach_or_adopt(&mut self) -> Result<Vec<(Hook, HookStart)>, LoaderError> {
         let cgroup_fd = sys::open_dir(&self.cgroup).map_err(io_err(&self.cgroup))?;
         let mut report = Vec::new();
-        for hook in CGROUP_HOOKS {
+        for hook in self.hooks.clone() {
             let path = self.layout.link_path(hook);
             let prog_err = |source| LoaderError::Program {
                 hook: hook.name(),
@@ -840,7 +872,9 @@ impl Loader {
 
     /// Health as the kernel reports it: each pinned link's program attached to the cgroup.
     pub fn health(&self) -> Vec<HookHealth> {
-        health(&self.layout, &self.cgroup)
+        let mut all = health(&self.layout, &self.cgroup);
+        all.retain(|h| self.hooks.iter().any(|k| k.name() == h.hook));
+        all
     }
 
     /// What is wrong with the pinned state now: each hook's pinned link present, attached to
@@ -848,7 +882,7 @@ impl Loader {
     pub fn problems(&self) -> Vec<Problem> {
         let cgroup_fd = sys::open_dir(&self.cgroup).ok();
         let mut out = Vec::new();
-        for hook in CGROUP_HOOKS {
+        for hook in self.hooks.iter().copied() {
             let path = self.layout.link_path(hook);
             let Ok(id) = link_program_id(&path) else {
                 out.push(Problem::LinkMissing(hook));

@@ -300,7 +300,7 @@ fn load_zt(args: &Args, n: usize) -> Result<Zt> {
     };
     zt::sys::ensure_bpffs(&layout.bpffs)?;
     let offsets = zt::btf::kernel_offsets()?;
-    let mut loader = Loader::load(&layout, &args.cgroup, offsets)?;
+    let mut loader = Loader::load(&layout, &args.cgroup, offsets, false)?;
     loader.apply(&compiled, 0)?;
     let front = zt::xdp::XdpFront::load(&layout)?;
     Ok(Zt {

@@ -313,6 +313,9 @@ fn print_status(st: &Status) {
     for w in &st.warnings {
         println!("warning     {}", zt::trust::escape(w));
     }
+    for m in &st.degraded {
+        println!("DEGRADED    {m}");
+    }
     if st.repairs > 0 {
         println!("repairs     {}  last: {}", st.repairs, st.last_repair);
     }

@@ -79,6 +79,10 @@ struct Args {
     /// repair).
     #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = humantime::parse_duration)]
     check_interval: std::time::Duration,
+    /// Start even if this kernel cannot load some of the cgroup hooks, running without them
+    /// (each named at start and in `ztctl status`); without it ztd refuses to start.
+    #[arg(long)]
+    allow_missing_hooks: bool,
     /// Do not reload when the policy files change (SIGHUP and `ztctl reload` still do).
     #[arg(long)]
     no_watch: bool,
@@ -194,6 +198,7 @@ async fn main() -> std::process::ExitCode {
         metrics: args.metrics,
         log_format: args.log_format,
         check_interval: args.check_interval,
+        allow_missing_hooks: args.allow_missing_hooks,
         watch: !args.no_watch,
         flows: args.flows.config(),
         units_root: args.units_root,
