@@ -794,6 +794,8 @@ impl State {
                 audited: stat(Stat::Audited),
                 no_policy: stat(Stat::NoPolicy),
                 exe_unreadable: stat(Stat::ExeUnreadable),
+                no_exec_record: stat(Stat::NoExecRecord),
+                exec_record_failed: stat(Stat::ExecRecordFailed),
                 rule_unknown: stat(Stat::RuleUnknown),
                 events_sent: stat(Stat::EventSent),
                 events_lost: stat(Stat::EventLost),
@@ -884,6 +886,26 @@ fn check_units_root(cgroup_root: &Path, units_root: Option<&Path>) -> Result<Pat
 }
 
 /// Bind the control socket: root only (0600); refuse if another daemon answers there.
+/// `kernel.yama.ptrace_scope`, or `None` when Yama is not enabled (no such sysctl).
+fn ptrace_scope() -> Option<u32> {
+    std::fs::read_to_string("/proc/sys/kernel/yama/ptrace_scope")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+}
+
+/// What ptrace leaves open while `exe` identities are in use: a process that may trace one
+/// running an allowed executable can make it connect for it (the identity is the tracee's).
+/// Only `ptrace_scope` 2 (admin only) or 3 (none) closes that.
+pub fn ptrace_warning(scope: Option<u32>) -> Option<String> {
+    let how = match scope {
+        Some(s) if s >= 2 => return None,
+        Some(1) => "kernel.yama.ptrace_scope is 1: a user may still ptrace its own children (a debugger that starts an allowed program)".to_string(),
+        Some(s) => format!("kernel.yama.ptrace_scope is {s}: any process may ptrace others of its user"),
+        None => "Yama is not enabled (no kernel.yama.ptrace_scope): any process may ptrace others of its user".to_string(),
+    };
+    Some(format!("ztd: warning: exe identities are in use and {how}; a traced process that runs an allowed executable connects with its identity. Set kernel.yama.ptrace_scope = 2 to close this"))
+}
+
 fn bind_socket(path: &Path) -> Result<UnixListener, DaemonError> {
     let io = |what| {
         move |source| DaemonError::Io {
@@ -918,6 +940,11 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
         compile_paths(&cgroup_root, &units_root, &opts.policy, false)?;
     for w in &warnings {
         warn!("{w}");
+    }
+    if !compiled.exes.is_empty() {
+        if let Some(w) = ptrace_warning(ptrace_scope()) {
+            warn!("{w}");
+        }
     }
     for iface in &opts.xdp {
         xdp::ifindex(iface)?;
@@ -993,7 +1020,7 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
         warn!("ztd: an XDP front door pinned by an earlier run is still attached to {iface} (not managed: no --xdp {iface}); `ztctl unload` or removing {} detaches it", xdp::link_path(&layout, &iface).display());
     }
     say!(
-        "ztd: guarding {} in {} mode, {summary}; {} hooks {} (pinned under {}); control socket {}",
+        "ztd: guarding {} in {} mode, {summary}; {} hooks {} and {} exec-identity tracepoints attached (pinned under {}); control socket {}",
         opts.cgroup.display(),
         opts.mode.as_str(),
         loader::CGROUP_HOOKS.len(),
@@ -1002,6 +1029,7 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
         } else {
             "attached"
         },
+        loader::TRACERS.len(),
         opts.bpffs.display(),
         opts.socket.display()
     );
@@ -1375,6 +1403,7 @@ fn snapshot(state: &Arc<Mutex<State>>, history: &Arc<Mutex<History>>) -> Metrics
         kernel_errors: vec![
             ("no_policy".into(), st.decisions.no_policy),
             ("exe_unreadable".into(), st.decisions.exe_unreadable),
+            ("exec_record_failed".into(), st.decisions.exec_record_failed),
             ("rule_unknown".into(), st.decisions.rule_unknown),
         ],
         generation: st.generation,

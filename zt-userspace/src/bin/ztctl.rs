@@ -267,6 +267,10 @@ fn print_status(st: &Status) {
         "decisions   allowed {}  denied {}  audited {}  (no policy {}, exe unreadable {}, events lost {})",
         d.allowed, d.denied, d.audited, d.no_policy, d.exe_unreadable, d.events_lost
     );
+    println!(
+        "exec ids    {} decisions for callers with no exec record (exe identities match only processes that exec'd after zt first started), {} records not stored",
+        d.no_exec_record, d.exec_record_failed
+    );
     let e = &st.events;
     println!(
         "events      produced {}  delivered {}  lost (kernel {}, daemon {})  suppressed {}  ring {} / {} bytes  history {} / {}",
