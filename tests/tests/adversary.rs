@@ -305,6 +305,15 @@ fn a_process_running_before_zt_started_has_no_exe_identity_until_it_execs() {
     );
     // Once it execs (same pid, same cgroup and ids), it is zt-app again.
     old.send(&format!("exec {}", w.app.display()));
+    // Wait for the new image before writing more (the old one could read ahead and take
+    // the next lines with it).
+    let cmdline = format!("/proc/{}/cmdline", old.child.id());
+    let want = format!("{}\0batch\0", w.app.display());
+    let end = Instant::now() + Duration::from_secs(10);
+    while std::fs::read_to_string(&cmdline).unwrap_or_default() != want {
+        assert!(Instant::now() < end, "the old process did not exec");
+        std::thread::sleep(Duration::from_millis(20));
+    }
     assert_eq!(old.connect(lo4(w.port)), "ok", "after its exec");
 }
 
