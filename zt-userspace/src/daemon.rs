@@ -1645,3 +1645,26 @@ fn watch_policy(paths: Vec<PathBuf>, changed: mpsc::UnboundedSender<()>) -> Arc<
     });
     stop
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ptrace_warning_names_the_scope_and_stops_at_two() {
+        assert_eq!(ptrace_warning(Some(2)), None);
+        assert_eq!(ptrace_warning(Some(3)), None);
+        let one = ptrace_warning(Some(1)).unwrap_or_default();
+        assert!(
+            one.contains("ptrace_scope is 1") && one.contains("own children"),
+            "{one}"
+        );
+        let zero = ptrace_warning(Some(0)).unwrap_or_default();
+        assert!(zero.contains("ptrace_scope is 0"), "{zero}");
+        let none = ptrace_warning(None).unwrap_or_default();
+        assert!(none.contains("Yama is not enabled"), "{none}");
+        for w in [one, zero, none] {
+            assert!(w.contains("ptrace_scope = 2"), "{w}");
+        }
+    }
+}
