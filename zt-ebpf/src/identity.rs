@@ -152,7 +152,8 @@ pub fn record_exit() {
             bpf_probe_read_kernel((signal + off.signal_live as u64) as *const i32)
         })
     };
-    // Unreadable: remove anyway (a later thread's exec or the next fork rewrites it).
+    // Unreadable: remove anyway (fail closed: threads still running lose the exe identity
+    // until the process execs again; a stale record would be worse).
     if live.map_or(true, |live| live == 0) {
         let _ = EXEC_IDS.remove(current_tgid());
     }
