@@ -221,7 +221,11 @@ fn status_json_reports_health_hooks_and_moving_counters() {
     assert_eq!(v["generation"], 1);
     assert_eq!(v["rules"], 1);
     let hooks = v["hooks"].as_array().expect("hooks");
-    assert_eq!(hooks.len(), 9);
+    assert_eq!(
+        hooks.len(),
+        12,
+        "9 cgroup hooks and 3 exec-identity tracepoints"
+    );
     for hook in hooks {
         assert_eq!(hook["attached"], true, "{hook}");
         assert!(hook["prog_id"].as_u64().unwrap_or(0) > 0, "{hook}");

@@ -169,7 +169,7 @@ pub enum Stat {
     Audited = 2,
     /// The active slot or its configuration could not be read: denied (fail closed).
     NoPolicy = 3,
-    /// The executable of the task could not be read; judged as "no executable".
+    /// The caller's credentials could not be read; judged by its real ids.
     ExeUnreadable = 4,
     /// A rule-of lookup failed; the decision stood, the counter went to the default rule.
     RuleUnknown = 5,
@@ -198,6 +198,13 @@ pub enum Stat {
     /// Reply records written by the ingress hook (a datagram admitted to a serving UDP
     /// socket from a peer not recorded, or recorded more than a second ago).
     ReplyRecorded = 14,
+    /// Decisions about a caller that has no exec record (a process already running when zt
+    /// first started, a kernel thread, or one whose record could not be stored): no `exe`
+    /// identity matched it; uid/gid/cgroup identities still did.
+    NoExecRecord = 15,
+    /// An exec or fork whose record could not be stored (map full, unreadable binprm): that
+    /// process has no exec record (fail closed for `exe` identities).
+    ExecRecordFailed = 16,
 }
 
 /// Size of the hook-code space (codes 1..=10 are used) and verdict-code space (1..=3), for
@@ -206,7 +213,7 @@ pub const HOOK_CODES: u32 = 16;
 pub const VERDICT_CODES: u32 = 4;
 
 /// Number of entries in the statistics array.
-pub const STAT_COUNT: u32 = 16;
+pub const STAT_COUNT: u32 = 24;
 
 /// IPv6 extension headers the `cgroup_skb` parser follows before the transport header; a
 /// longer chain is not parsed to the end and its packet is dropped
@@ -356,12 +363,16 @@ pub struct RuleOfKey {
 }
 
 /// Offsets into kernel structures, read from the kernel's BTF at start-up, so that the
-/// programs can find the executable of the calling task.
+/// programs can record the executable the kernel loaded at exec (`linux_binprm.file` →
+/// inode → device and inode number), follow processes across fork and exit
+/// (`task_struct.tgid`, `task_struct.signal` → `signal_struct.live`), and read the caller's
+/// effective ids. `mm_struct.exe_file` is deliberately absent: a process can change it
+/// (`prctl(PR_SET_MM_MAP)`), so it never decides anything.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct KernelOffsets {
-    pub task_mm: u32,
-    pub mm_exe_file: u32,
+    /// `linux_binprm.file`: the file `execve` loaded (the interpreter, for `#!` scripts).
+    pub bprm_file: u32,
     pub file_f_inode: u32,
     pub inode_i_ino: u32,
     pub inode_i_sb: u32,
@@ -371,8 +382,19 @@ pub struct KernelOffsets {
     pub task_cred: u32,
     pub cred_euid: u32,
     pub cred_egid: u32,
+    /// `task_struct.tgid` (of a new task at fork).
+    pub task_tgid: u32,
+    /// `task_struct.signal` and `signal_struct.live` (threads still running: 0 once the
+    /// whole thread group has exited).
+    pub task_signal: u32,
+    pub signal_live: u32,
     pub _pad: u32,
 }
+
+/// Capacity of the exec-record map (one entry per live process, keyed by tgid). A process
+/// whose record cannot be stored (map full) has none: no `exe` identity matches it (fail
+/// closed), and `Stat::ExecRecordFailed` counts it.
+pub const MAX_EXEC_RECORDS: u32 = 1 << 17;
 
 /// Who owns a guarded socket: captured in socket storage when it connects, sends or binds
 /// (and inherited by accepted sockets), so packets are judged by the socket's owner, never by
@@ -810,6 +832,8 @@ mod tests {
         assert_eq!(Stat::RingFill as u32, 11);
         assert_eq!(Stat::SkbUnparsedDropped as u32, 12);
         assert_eq!(Stat::ReplyRecorded as u32, 14);
+        assert_eq!(Stat::ExecRecordFailed as u32, 16);
+        assert!((Stat::ExecRecordFailed as u32) < STAT_COUNT);
         assert_eq!(XdpStat::DroppedUnparsed as u32, 10);
         assert_eq!(
             core::mem::size_of::<SocketOwner>(),

@@ -515,9 +515,7 @@ fn judge_in<S: Slot>(ctx: &SockAddrContext, hook: Hook, dst: &Destination) -> i3
         return SOCK_ADDR_REJECT;
     };
     let caller = Caller::current();
-    if !caller.exe_ok {
-        count(Stat::ExeUnreadable);
-    }
+    caller.count_gaps();
     let ids = caller.identities::<S>(cfg, current_ancestor);
     let (mut verdict, mut rule) =
         decide::<S>(cfg, ids, dst, 0, true).unwrap_or((Verdict::Deny, RULE_DEFAULT));
@@ -605,9 +603,7 @@ fn judge_bind_in<S: Slot>(ctx: &SockAddrContext, hook: Hook, dst: &Destination) 
         return SOCK_ADDR_REJECT;
     };
     let caller = Caller::current();
-    if !caller.exe_ok {
-        count(Stat::ExeUnreadable);
-    }
+    caller.count_gaps();
     let ids = caller.identities::<S>(cfg, current_ancestor);
     let (port_class, port_all) = port_classes::<S>(dst);
     let mut hits = Hits {
@@ -843,6 +839,7 @@ fn judge_sock_create_in<S: Slot>(family: u32, sock_type: u32, icmp: bool) -> i32
         return SOCK_ADDR_REJECT;
     };
     let caller = Caller::current();
+    caller.count_gaps();
     let ids = caller.identities::<S>(cfg, current_ancestor);
     let allowed = if sock_type == SOCK_RAW {
         cfg.raw_identities

@@ -1,6 +1,7 @@
 //! zt's kernel programs. Every hook file is a thin entry point that turns its context into a
 //! [`decide::Destination`] and returns the verdict of [`decide::judge`]; all maps are declared
-//! in [`maps`].
+//! in [`maps`]. Three tracepoints (`sched_*`) keep the per-process executable record
+//! decisions take the caller's `exe` identity from (see [`identity`]).
 #![no_std]
 #![no_main]
 
@@ -12,6 +13,9 @@ mod decide;
 mod identity;
 mod maps;
 mod packet;
+mod sched_exec;
+mod sched_exit;
+mod sched_fork;
 mod sendmsg4;
 mod sendmsg6;
 mod skb_egress;

@@ -12,8 +12,9 @@ use aya_ebpf::{
 use zt_common::{
     ActiveSlot, DecisionKey, DecisionValue, ExeKey, IdentityMask, RateKey, RateState, ReplyKey,
     ReplyValue, RuleOfKey, SlotConfig, SocketOwner, EVENT_RING_BYTES, HOOK_CODES, MAX_CGROUPS,
-    MAX_DECISIONS, MAX_EXES, MAX_GIDS, MAX_NET4, MAX_NET6, MAX_RATE_KEYS, MAX_REPLIES, MAX_RULES,
-    MAX_RULE_OF, MAX_UIDS, PORTS_PER_PROTO, PORT_PROTOS, SLOTS, STAT_COUNT, VERDICT_CODES,
+    MAX_DECISIONS, MAX_EXEC_RECORDS, MAX_EXES, MAX_GIDS, MAX_NET4, MAX_NET6, MAX_RATE_KEYS,
+    MAX_REPLIES, MAX_RULES, MAX_RULE_OF, MAX_UIDS, PORTS_PER_PROTO, PORT_PROTOS, SLOTS, STAT_COUNT,
+    VERDICT_CODES,
 };
 
 /// Which slot decides now (one entry).
@@ -48,6 +49,14 @@ pub static EVENT_RATE: LruHashMap<RateKey, RateState> = LruHashMap::pinned(MAX_R
 /// least recently used records are evicted first.
 #[map]
 pub static REPLIES: LruHashMap<ReplyKey, ReplyValue> = LruHashMap::pinned(MAX_REPLIES, 0);
+
+/// The executable each live process runs, keyed by tgid: the file the kernel loaded at its
+/// last exec (`sched_process_exec`), copied to new processes at fork and removed when the
+/// whole thread group exits. Decisions take the caller's `exe` identity from here only, never
+/// from `mm->exe_file` (which `prctl(PR_SET_MM)` can change). No entry: no exec seen since zt
+/// first started (or it could not be stored), and no `exe` identity matches.
+#[map]
+pub static EXEC_IDS: HashMap<u32, ExeKey> = HashMap::pinned(MAX_EXEC_RECORDS, BPF_F_NO_PREALLOC);
 
 /// Socket storage: who owns each guarded socket (see `zt_common::SocketOwner`). Declared by
 /// hand as a BTF map so that it can carry `BPF_F_CLONE`: accepted sockets inherit their

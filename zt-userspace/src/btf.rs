@@ -1,7 +1,10 @@
-//! Offsets of the kernel structures the programs walk to find the caller's executable
-//! (`task_struct.mm`, `mm_struct.exe_file`, `file.f_inode`, `inode.i_ino`, `inode.i_sb`,
-//! `super_block.s_dev`) and its effective ids (`task_struct.cred`, `cred.euid`, `cred.egid`). They differ between kernel builds, and aya's Rust programs have no
-//! CO-RE field relocations, so we read them from the kernel's own BTF at start-up.
+//! Offsets of the kernel structures the programs walk: the file an exec loaded
+//! (`linux_binprm.file`, `file.f_inode`, `inode.i_ino`, `inode.i_sb`, `super_block.s_dev`),
+//! a new task's process (`task_struct.tgid`), whether a thread group is gone
+//! (`task_struct.signal`, `signal_struct.live`) and the caller's effective ids
+//! (`task_struct.cred`, `cred.euid`, `cred.egid`). They differ between kernel builds, and
+//! aya's Rust programs have no CO-RE field relocations, so we read them from the kernel's own
+//! BTF at start-up.
 //!
 //! The parser reads only what it needs: type records, struct/union members, and names.
 //! Anonymous struct/union members (e.g. `mm_struct`'s wrapper struct) are searched through.
@@ -199,8 +202,7 @@ impl Btf {
 
     pub fn kernel_offsets(&self) -> Result<KernelOffsets, BtfError> {
         Ok(KernelOffsets {
-            task_mm: self.member_offset("task_struct", "mm")?,
-            mm_exe_file: self.member_offset("mm_struct", "exe_file")?,
+            bprm_file: self.member_offset("linux_binprm", "file")?,
             file_f_inode: self.member_offset("file", "f_inode")?,
             inode_i_ino: self.member_offset("inode", "i_ino")?,
             inode_i_sb: self.member_offset("inode", "i_sb")?,
@@ -208,6 +210,9 @@ impl Btf {
             task_cred: self.member_offset("task_struct", "cred")?,
             cred_euid: self.member_offset("cred", "euid")?,
             cred_egid: self.member_offset("cred", "egid")?,
+            task_tgid: self.member_offset("task_struct", "tgid")?,
+            task_signal: self.member_offset("task_struct", "signal")?,
+            signal_live: self.member_offset("signal_struct", "live")?,
             _pad: 0,
         })
     }
@@ -225,7 +230,9 @@ mod tests {
     #[test]
     fn running_kernel_offsets_are_found_and_plausible() {
         let off = kernel_offsets().expect("this machine has kernel BTF");
-        assert!(off.task_mm > 0 && off.task_mm < 16384, "{off:?}");
+        assert!(off.task_tgid > 0 && off.task_tgid < 16384, "{off:?}");
+        assert!(off.task_signal > 0 && off.task_signal < 16384, "{off:?}");
+        assert!(off.bprm_file > 0 && off.bprm_file < 4096, "{off:?}");
         assert!(off.inode_i_sb > 0 && off.inode_i_ino > 0, "{off:?}");
         assert_ne!(off.inode_i_sb, off.inode_i_ino);
         assert!(

@@ -147,6 +147,13 @@ pub struct Decisions {
     /// Decisions made with no readable policy (denied: fail closed).
     pub no_policy: u64,
     pub exe_unreadable: u64,
+    /// Decisions about callers without an exec record (running since before zt first
+    /// started, or their record could not be stored): no `exe` identity matched them.
+    #[serde(default)]
+    pub no_exec_record: u64,
+    /// Execs and forks whose record could not be stored (fail closed for `exe` identities).
+    #[serde(default)]
+    pub exec_record_failed: u64,
     pub rule_unknown: u64,
     pub events_sent: u64,
     pub events_lost: u64,

@@ -819,6 +819,8 @@ impl State {
                 audited: stat(Stat::Audited),
                 no_policy: stat(Stat::NoPolicy),
                 exe_unreadable: stat(Stat::ExeUnreadable),
+                no_exec_record: stat(Stat::NoExecRecord),
+                exec_record_failed: stat(Stat::ExecRecordFailed),
                 rule_unknown: stat(Stat::RuleUnknown),
                 events_sent: stat(Stat::EventSent),
                 events_lost: stat(Stat::EventLost),
@@ -914,6 +916,26 @@ fn check_units_root(cgroup_root: &Path, units_root: Option<&Path>) -> Result<Pat
         });
     }
     Ok(dir.to_path_buf())
+}
+
+/// `kernel.yama.ptrace_scope`, or `None` when Yama is not enabled (no such sysctl).
+fn ptrace_scope() -> Option<u32> {
+    std::fs::read_to_string("/proc/sys/kernel/yama/ptrace_scope")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+}
+
+/// What ptrace leaves open while `exe` identities are in use: a process that may trace one
+/// running an allowed executable can make it connect for it (the identity is the tracee's).
+/// Only `ptrace_scope` 2 (admin only) or 3 (none) closes that.
+pub fn ptrace_warning(scope: Option<u32>) -> Option<String> {
+    let how = match scope {
+        Some(s) if s >= 2 => return None,
+        Some(1) => "kernel.yama.ptrace_scope is 1: a user may still ptrace its own children (a debugger that starts an allowed program)".to_string(),
+        Some(s) => format!("kernel.yama.ptrace_scope is {s}: any process may ptrace others of its user"),
+        None => "Yama is not enabled (no kernel.yama.ptrace_scope): any process may ptrace others of its user".to_string(),
+    };
+    Some(format!("ztd: warning: exe identities are in use and {how}; a traced process that runs an allowed executable connects with its identity. Set kernel.yama.ptrace_scope = 2 to close this"))
 }
 
 /// Bind the control socket. Its directory must be one only root can change (owned by root,
@@ -1034,6 +1056,11 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
     for w in &warnings {
         warn!("{w}");
     }
+    if !compiled.exes.is_empty() {
+        if let Some(w) = ptrace_warning(ptrace_scope()) {
+            warn!("{w}");
+        }
+    }
     for iface in &opts.xdp {
         xdp::ifindex(iface)?;
     }
@@ -1116,7 +1143,7 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
         warn!("ztd: an XDP front door pinned by an earlier run is still attached to {iface} (not managed: no --xdp {iface}); `ztctl unload` or removing {} detaches it", xdp::link_path(&layout, &iface).display());
     }
     say!(
-        "ztd: guarding {} in {} mode, {summary}; {} hooks {}{} (pinned under {}); control socket {}",
+        "ztd: guarding {} in {} mode, {summary}; {} hooks {}{} and {} exec-identity tracepoints attached (pinned under {}); control socket {}",
         opts.cgroup.display(),
         opts.mode.as_str(),
         state.loader.hooks().len(),
@@ -1139,6 +1166,7 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
                     .join(", ")
             )
         },
+        loader::TRACERS.len(),
         opts.bpffs.display(),
         opts.socket.display()
     );
@@ -1540,6 +1568,7 @@ fn snapshot(state: &Arc<Mutex<State>>, history: &Arc<Mutex<History>>) -> Metrics
         kernel_errors: vec![
             ("no_policy".into(), st.decisions.no_policy),
             ("exe_unreadable".into(), st.decisions.exe_unreadable),
+            ("exec_record_failed".into(), st.decisions.exec_record_failed),
             ("rule_unknown".into(), st.decisions.rule_unknown),
         ],
         drops: vec![
@@ -1784,4 +1813,27 @@ fn watch_policy(paths: Vec<PathBuf>, changed: mpsc::UnboundedSender<()>) -> Arc<
         }
     });
     stop
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ptrace_warning_names_the_scope_and_stops_at_two() {
+        assert_eq!(ptrace_warning(Some(2)), None);
+        assert_eq!(ptrace_warning(Some(3)), None);
+        let one = ptrace_warning(Some(1)).unwrap_or_default();
+        assert!(
+            one.contains("ptrace_scope is 1") && one.contains("own children"),
+            "{one}"
+        );
+        let zero = ptrace_warning(Some(0)).unwrap_or_default();
+        assert!(zero.contains("ptrace_scope is 0"), "{zero}");
+        let none = ptrace_warning(None).unwrap_or_default();
+        assert!(none.contains("Yama is not enabled"), "{none}");
+        for w in [one, zero, none] {
+            assert!(w.contains("ptrace_scope = 2"), "{w}");
+        }
+    }
 }

@@ -2,14 +2,17 @@
 //! generations into the pinned maps.
 //!
 //! Layout under `--bpffs DIR`: `DIR/maps/<MAP>` (every map, pinned by name) and
-//! `DIR/links/<hook>` (one cgroup link per hook). Pins keep enforcement alive when `ztd`
-//! exits, however it exits.
+//! `DIR/links/<hook>` (one cgroup link per hook) and `DIR/links/<tracer>` (the exec, fork and
+//! exit tracepoints that keep each process's executable record, see [`TRACERS`]). Pins keep
+//! enforcement alive when `ztd` exits, however it exits.
 //!
 //! **Start and restart without a window.** The programs are always loaded against the pinned
 //! maps (created on first start, reused after). If a hook's link is already pinned, the new
 //! program replaces the old one in place (`BPF_LINK_UPDATE`): the cgroup is never without a
 //! program and never has two. Only a missing link is created, and only after the policy is in
-//! the maps.
+//! the maps. Tracepoint links cannot be updated in place: a new link is attached and pinned
+//! over the old pin (the old link detaches once its pin is replaced), so no exec, fork or exit
+//! goes unrecorded during a restart.
 //!
 //! **Generations.** A policy is written completely into the idle slot (diffed against what
 //! that slot holds, so small changes make few writes), then `ACTIVE` is flipped in one write.
@@ -38,10 +41,10 @@ use aya::{
     maps::{Array, Map, MapData, MapError, PerCpuArray},
     programs::{
         links::{FdLink, PinnedLink},
-        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr, Program,
-        ProgramError,
+        BtfTracePoint, CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock,
+        CgroupSockAddr, Program, ProgramError,
     },
-    Ebpf, EbpfLoader, Pod,
+    Btf, Ebpf, EbpfLoader, Pod,
 };
 use zt_common::{
     ActiveSlot, DecisionKey, DecisionValue, ExeKey, Hook, KernelOffsets, RuleOfKey, SlotConfig,
@@ -112,7 +115,37 @@ impl Layout {
     pub fn link_path(&self, hook: Hook) -> PathBuf {
         self.links_dir().join(hook.name())
     }
+    pub fn tracer_link_path(&self, tracer: &Tracer) -> PathBuf {
+        self.links_dir().join(tracer.program)
+    }
 }
+
+/// A tracepoint program that keeps the per-process executable records (`EXEC_IDS`) the
+/// decisions take `exe` identities from: system-wide, not per cgroup.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Tracer {
+    /// Name of the program in the eBPF object and of its pinned link.
+    pub program: &'static str,
+    /// The kernel tracepoint (`tp_btf`).
+    pub tracepoint: &'static str,
+}
+
+/// The exec-identity tracepoints, in attach order: fork and exit before exec, so that every
+/// record exec makes is carried to children and removed.
+pub const TRACERS: [Tracer; 3] = [
+    Tracer {
+        program: "sched_fork",
+        tracepoint: "sched_process_fork",
+    },
+    Tracer {
+        program: "sched_exit",
+        tracepoint: "sched_process_exit",
+    },
+    Tracer {
+        program: "sched_exec",
+        tracepoint: "sched_process_exec",
+    },
+];
 
 /// The hooks attached to the guarded cgroup (all but XDP), in attach order: the packet
 /// backstops and socket-type control first, the connect/send/bind verdicts last.
@@ -396,6 +429,10 @@ pub enum Problem {
     ForeignProgram(Hook, u32),
     /// A map's pin is gone.
     MapPinMissing(String),
+    /// An exec-identity tracepoint's link pin is gone (the link detached with it).
+    TracerMissing(&'static str),
+    /// The pinned tracepoint link runs a program that is not ours (id shown).
+    TracerForeign(&'static str, u32),
 }
 
 impl std::fmt::Display for Problem {
@@ -420,6 +457,14 @@ impl std::fmt::Display for Problem {
                 h.name()
             ),
             Problem::MapPinMissing(m) => write!(f, "map {m}: pin maps/{m} is missing"),
+            Problem::TracerMissing(t) => write!(
+                f,
+                "tracepoint {t}: pinned link links/{t} is missing (exec identities are not recorded)"
+            ),
+            Problem::TracerForeign(t, id) => write!(
+                f,
+                "tracepoint {t}: the pinned link runs program {id}, not zt's"
+            ),
         }
     }
 }
@@ -464,6 +509,16 @@ impl Loader {
                 Err(e) => failed.push((hook, e.to_string())),
             }
         }
+        let btf = Btf::from_sys_fs().map_err(|e| LoaderError::Program {
+            hook: "sched_exec",
+            source: ProgramError::IOError(std::io::Error::other(format!("kernel BTF: {e}"))),
+        })?;
+        for tracer in TRACERS {
+            load_tracer(&mut ebpf, &tracer, &btf).map_err(|source| LoaderError::Program {
+                hook: tracer.program,
+                source,
+            })?;
+        }
         let missing = crate::support::decide(&failed, CGROUP_HOOKS.len(), allow_missing)
             .map_err(LoaderError::MissingHooks)?;
         let pinned_maps = ebpf
@@ -500,7 +555,11 @@ impl Loader {
 
     /// Attach every hook to the cgroup, or adopt the pinned link by replacing its program.
     /// Call after a generation has been written. Refuses links that guard another cgroup.
+    /// The exec-identity tracepoints are attached first (each pinned over an earlier run's).
     pub fn attach_or_adopt(&mut self) -> Result<Vec<(Hook, HookStart)>, LoaderError> {
+        for tracer in TRACERS {
+            self.attach_tracer(&tracer)?;
+        }
         let cgroup_fd = sys::open_dir(&self.cgroup).map_err(io_err(&self.cgroup))?;
         let mut report = Vec::new();
         for hook in self.hooks.clone() {
@@ -541,6 +600,37 @@ impl Loader {
             }
         }
         Ok(report)
+    }
+
+    /// Attach a tracepoint program through a new link and pin it at its path, replacing an
+    /// earlier pin in one rename (the old link runs until then, and detaches after).
+    fn attach_tracer(&mut self, tracer: &Tracer) -> Result<(), LoaderError> {
+        let path = self.layout.tracer_link_path(tracer);
+        // bpffs refuses names with a dot.
+        let fresh = self
+            .layout
+            .links_dir()
+            .join(format!("{}_new", tracer.program));
+        let prog_err = |source| LoaderError::Program {
+            hook: tracer.program,
+            source,
+        };
+        let prog = self
+            .ebpf
+            .program_mut(tracer.program)
+            .ok_or(prog_err(ProgramError::NotLoaded))?;
+        let p: &mut BtfTracePoint = prog.try_into().map_err(prog_err)?;
+        let id = p.attach().map_err(prog_err)?;
+        let fd_link = FdLink::from(p.take_link(id).map_err(prog_err)?);
+        if fresh.exists() {
+            std::fs::remove_file(&fresh).map_err(io_err(&fresh))?;
+        }
+        fd_link.pin(&fresh).map_err(|e| LoaderError::Link {
+            path: fresh.clone(),
+            source: std::io::Error::other(e.to_string()),
+        })?;
+        std::fs::rename(&fresh, &path).map_err(|source| LoaderError::Link { path, source })?;
+        Ok(())
     }
 
     /// The slot programs read now, and its generation (0: nothing written yet).
@@ -905,6 +995,20 @@ impl Loader {
                 out.push(Problem::ForeignProgram(hook, id));
             }
         }
+        for tracer in TRACERS {
+            let ours = self
+                .ebpf
+                .program(tracer.program)
+                .and_then(|p| p.info().ok())
+                .map(|i| i.id());
+            match link_program_id(&self.layout.tracer_link_path(&tracer)) {
+                Err(_) | Ok(0) => out.push(Problem::TracerMissing(tracer.program)),
+                Ok(id) if ours.is_some_and(|ours| ours != id) => {
+                    out.push(Problem::TracerForeign(tracer.program, id));
+                }
+                Ok(_) => {}
+            }
+        }
         for name in &self.pinned_maps {
             let present =
                 self.ebpf.map(name).is_none() || self.layout.maps_dir().join(name).exists();
@@ -967,6 +1071,18 @@ impl Loader {
                     "hook {}: zt's program restored in place",
                     hook.name()
                 ))
+            }
+            Problem::TracerMissing(name) | Problem::TracerForeign(name, _) => {
+                let tracer = TRACERS.into_iter().find(|t| t.program == *name).ok_or(
+                    LoaderError::Program {
+                        hook: name,
+                        source: ProgramError::NotLoaded,
+                    },
+                )?;
+                let links_dir = self.layout.links_dir();
+                std::fs::create_dir_all(&links_dir).map_err(io_err(&links_dir))?;
+                self.attach_tracer(&tracer)?;
+                Ok(format!("tracepoint {name}: re-attached (new link pinned)"))
             }
             Problem::MapPinMissing(name) => {
                 let maps_dir = self.layout.maps_dir();
@@ -1076,8 +1192,18 @@ pub fn policy_hash(compiled: &Compiled, flags: u32, ephemeral: (u16, u16)) -> u6
 
 /// Health of the pinned state in `layout` for `cgroup`, without a loaded object (used by
 /// `status` in the daemon and by tests).
+/// The exec-identity tracepoints follow the cgroup hooks (attached: their pinned link runs a
+/// program).
 pub fn health(layout: &Layout, cgroup: &Path) -> Vec<HookHealth> {
     let cgroup_fd = sys::open_dir(cgroup).ok();
+    let tracers = TRACERS.into_iter().map(|tracer| {
+        let prog_id = link_program_id(&layout.tracer_link_path(&tracer)).unwrap_or(0);
+        HookHealth {
+            hook: tracer.program.to_string(),
+            attached: prog_id != 0,
+            prog_id,
+        }
+    });
     CGROUP_HOOKS
         .into_iter()
         .map(|hook| {
@@ -1093,6 +1219,7 @@ pub fn health(layout: &Layout, cgroup: &Path) -> Vec<HookHealth> {
                 prog_id,
             }
         })
+        .chain(tracers)
         .collect()
 }
 
@@ -1164,6 +1291,15 @@ fn load_program(ebpf: &mut Ebpf, hook: Hook) -> Result<(), ProgramError> {
             p.load()
         }
     }
+}
+
+/// Load one exec-identity tracepoint program against the kernel's BTF.
+fn load_tracer(ebpf: &mut Ebpf, tracer: &Tracer, btf: &Btf) -> Result<(), ProgramError> {
+    let prog = ebpf
+        .program_mut(tracer.program)
+        .ok_or(ProgramError::NotLoaded)?;
+    let p: &mut BtfTracePoint = prog.try_into()?;
+    p.load(tracer.tracepoint, btf)
 }
 
 fn to_fd_link<L>(link: L) -> Result<FdLink, ProgramError>

@@ -102,6 +102,9 @@ enum Cmd {
         /// Make the call from a new thread of this process.
         #[arg(long)]
         in_thread: bool,
+        /// Make the call from a forked child process (a new process, not exec'd).
+        #[arg(long)]
+        in_fork: bool,
         /// TCP only: connect through io_uring (`IOSQE_ASYNC`: run by an `iou-wrk` thread).
         #[arg(long)]
         io_uring: bool,
@@ -248,13 +251,37 @@ enum Cmd {
         #[arg(long)]
         cgroup: Option<PathBuf>,
     },
+    /// The executable-identity attack zt must stop: join `--cgroup`, become `--uid`/`--gid`,
+    /// then make `/proc/self/exe` name AS: enter a new user namespace, replace every mapping
+    /// of this program's own file by an anonymous copy, and `prctl(PR_SET_MM, PR_SET_MM_MAP)`
+    /// with AS's fd as the new exe — in this process, or with `--clone-vm` in a `CLONE_VM`
+    /// child (sharing this process's memory) that then exits, leaving this process in the
+    /// initial user namespace. Prints `exe=<what /proc/self/exe names now>` (or
+    /// `error:<step>:<reason>`), then makes one call like `connect` and prints its outcome.
+    Disguise {
+        #[arg(long)]
+        proto: Proto,
+        #[arg(long)]
+        addr: SocketAddr,
+        #[arg(long = "as")]
+        as_exe: PathBuf,
+        #[arg(long)]
+        clone_vm: bool,
+        #[arg(long)]
+        cgroup: Option<PathBuf>,
+        #[arg(long)]
+        uid: Option<u32>,
+        #[arg(long)]
+        gid: Option<u32>,
+    },
     /// Join the cgroup and take the uid/gid once, then for every stdin line
     /// `PROTO ADDR:PORT [mapped] [send]` (tcp or udp) make one call on a fresh socket and print
     /// one outcome per line: `ok` (the call proceeded: connected, in progress, refused),
     /// `eperm`, or `error:<reason>`. `mapped`: from an AF_INET6 socket to `::ffff:a.b.c.d`;
     /// `send` (udp): `sendto()` without `connect()`; `bind`: `bind()` to ADDR:PORT instead
     /// (`ok` also when the kernel refuses it after zt: in use, privileged port). Nothing
-    /// waits for a peer.
+    /// waits for a peer. A line `flush` writes out the outcomes so far; `exec PATH` flushes
+    /// and replaces this process with `PATH batch` (same pid, cgroup, ids and stdin).
     Batch {
         #[arg(long)]
         cgroup: Option<PathBuf>,
@@ -400,6 +427,7 @@ fn main() {
             src,
             comm,
             in_thread,
+            in_fork,
             io_uring,
             move_to,
             report,
@@ -433,6 +461,8 @@ fn main() {
             };
             let result = if io_uring {
                 outcome(uring_connect(addr))
+            } else if in_fork {
+                in_child(|| outcome(call(proto, addr, unconnected, src)))
             } else if in_thread {
                 std::thread::spawn(move || outcome(call(proto, addr, unconnected, src)))
                     .join()
@@ -589,6 +619,31 @@ fn main() {
                 std::process::exit(1);
             }
             serve(&bind, &ports);
+        }
+        Cmd::Disguise {
+            proto,
+            addr,
+            as_exe,
+            clone_vm,
+            cgroup,
+            uid,
+            gid,
+        } => {
+            if let Err(e) = enter(cgroup, None, gid, uid, None) {
+                println!("error:setup:{e}");
+                return;
+            }
+            match disguise::run(&as_exe, clone_vm) {
+                Ok(()) => match std::fs::read_link("/proc/self/exe") {
+                    Ok(p) => println!("exe={}", p.display()),
+                    Err(e) => println!("error:readlink:{e}"),
+                },
+                Err(e) => {
+                    println!("error:{e}");
+                    return;
+                }
+            }
+            println!("{}", outcome(call(proto, addr, false, None)));
         }
         Cmd::Batch { cgroup, uid, gid } => {
             if let Err(e) = enter(cgroup, None, gid, uid, None) {
@@ -1863,8 +1918,25 @@ fn batch() {
     let mut line = String::new();
     while stdin.read_line(&mut line).map(|n| n > 0).unwrap_or(false) {
         let words: Vec<&str> = line.split_whitespace().collect();
-        if !words.is_empty() {
-            let _ = writeln!(out, "{}", batch_case(&words));
+        match words.as_slice() {
+            [] => {}
+            ["flush"] => {
+                let _ = out.flush();
+            }
+            ["exec", path] => {
+                let _ = out.flush();
+                let e = exec(
+                    std::path::Path::new(path),
+                    None,
+                    false,
+                    &["batch".to_string()],
+                );
+                let _ = writeln!(out, "error:{e}");
+                let _ = out.flush();
+            }
+            _ => {
+                let _ = writeln!(out, "{}", batch_case(&words));
+            }
         }
         line.clear();
     }
@@ -1934,5 +2006,256 @@ fn batch_case(words: &[&str]) -> String {
         | Err(nix::errno::Errno::EAGAIN) => "ok".to_string(),
         Err(nix::errno::Errno::EPERM) => "eperm".to_string(),
         Err(e) => format!("error:{e}"),
+    }
+}
+
+/// See `Cmd::Disguise`. Everything here runs with no other thread in this process.
+mod disguise {
+    use std::{ffi::c_void, os::fd::AsRawFd, path::Path};
+
+    /// `struct prctl_mm_map` (linux/prctl.h).
+    #[repr(C)]
+    #[derive(Clone, Copy, Default)]
+    struct MmMap {
+        start_code: u64,
+        end_code: u64,
+        start_data: u64,
+        end_data: u64,
+        start_brk: u64,
+        brk: u64,
+        start_stack: u64,
+        arg_start: u64,
+        arg_end: u64,
+        env_start: u64,
+        env_end: u64,
+        auxv: u64,
+        auxv_size: u32,
+        exe_fd: u32,
+    }
+
+    const PR_SET_MM: i32 = 35;
+    const PR_SET_MM_MAP: u64 = 14;
+
+    /// One mapping of this program's own file: `[start, end)` and its protection.
+    #[derive(Clone, Copy)]
+    struct Region {
+        start: usize,
+        end: usize,
+        prot: i32,
+    }
+
+    /// What the `CLONE_VM` child needs, and where it reports (shared memory).
+    struct Job {
+        map: MmMap,
+        regions: Vec<Region>,
+        error: Option<String>,
+    }
+
+    fn errno(step: &str) -> String {
+        format!("{step}:{}", std::io::Error::last_os_error())
+    }
+
+    pub fn run(as_exe: &Path, clone_vm: bool) -> Result<(), String> {
+        let file = std::fs::File::open(as_exe).map_err(|e| format!("open:{e}"))?;
+        let map = MmMap {
+            exe_fd: file.as_raw_fd() as u32,
+            ..current_layout()?
+        };
+        let regions = own_regions()?;
+        let mut job = Job {
+            map,
+            regions,
+            error: None,
+        };
+        if !clone_vm {
+            return swap(&job.map, &job.regions);
+        }
+        let mut stack = vec![0u8; 1 << 20];
+        // SAFETY: the stack is ours and outlives the child (we wait for it); the child
+        // shares our memory (CLONE_VM) and reports through `job`, which we read only after
+        // it exited.
+        let pid = unsafe {
+            let top = stack.as_mut_ptr().add(stack.len() & !15);
+            libc::clone(
+                child,
+                top.cast(),
+                libc::CLONE_VM | libc::SIGCHLD,
+                std::ptr::from_mut(&mut job).cast(),
+            )
+        };
+        if pid < 0 {
+            return Err(errno("clone"));
+        }
+        let mut status = 0;
+        // SAFETY: plain waitpid on our child.
+        if unsafe { libc::waitpid(pid, &mut status, 0) } != pid {
+            return Err(errno("waitpid"));
+        }
+        drop(stack);
+        match job.error.take() {
+            Some(e) => Err(format!("child:{e}")),
+            None if status == 0 => Ok(()),
+            None => Err(format!("child:status {status}")),
+        }
+    }
+
+    extern "C" fn child(arg: *mut c_void) -> i32 {
+        // SAFETY: `arg` is the parent's `Job`, untouched by the parent until we exit.
+        let job = unsafe { &mut *arg.cast::<Job>() };
+        match swap(&job.map, &job.regions) {
+            Ok(()) => 0,
+            Err(e) => {
+                job.error = Some(e);
+                1
+            }
+        }
+    }
+
+    /// Enter a user namespace (CAP_CHECKPOINT_RESTORE there), unmap our own file, swap exe.
+    fn swap(map: &MmMap, regions: &[Region]) -> Result<(), String> {
+        // SAFETY: plain system calls; each region is replaced by an identical anonymous copy
+        // (the code running here included: mremap swaps it in one step).
+        unsafe {
+            if libc::unshare(libc::CLONE_NEWUSER) != 0 {
+                return Err(errno("unshare"));
+            }
+            for r in regions {
+                let len = r.end - r.start;
+                let copy = libc::mmap(
+                    std::ptr::null_mut(),
+                    len,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                    -1,
+                    0,
+                );
+                if copy == libc::MAP_FAILED {
+                    return Err(errno("mmap"));
+                }
+                if r.prot & libc::PROT_READ != 0 {
+                    std::ptr::copy_nonoverlapping(r.start as *const u8, copy.cast::<u8>(), len);
+                }
+                if libc::mprotect(copy, len, r.prot) != 0 {
+                    return Err(errno("mprotect"));
+                }
+                let moved = libc::mremap(
+                    copy,
+                    len,
+                    len,
+                    libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+                    r.start as *mut c_void,
+                );
+                if moved == libc::MAP_FAILED {
+                    return Err(errno("mremap"));
+                }
+            }
+            let mut map = *map;
+            map.brk = libc::sbrk(0) as u64;
+            if libc::prctl(
+                PR_SET_MM,
+                PR_SET_MM_MAP,
+                std::ptr::from_ref(&map),
+                std::mem::size_of::<MmMap>(),
+                0,
+            ) != 0
+            {
+                return Err(errno("prctl"));
+            }
+        }
+        Ok(())
+    }
+
+    /// The memory layout `PR_SET_MM_MAP` must be given back unchanged, from
+    /// `/proc/self/stat` (fields 26-28 and 45-51).
+    fn current_layout() -> Result<MmMap, String> {
+        let stat = std::fs::read_to_string("/proc/self/stat").map_err(|e| format!("stat:{e}"))?;
+        let rest = stat.rsplit_once(')').map(|(_, r)| r).ok_or("stat:format")?;
+        // Field 3 (state) is the first after the command name.
+        let fields: Vec<u64> = rest
+            .split_whitespace()
+            .map(|f| f.parse().unwrap_or(0))
+            .collect();
+        let field = |n: usize| fields.get(n - 3).copied().unwrap_or(0);
+        Ok(MmMap {
+            start_code: field(26),
+            end_code: field(27),
+            start_stack: field(28),
+            start_data: field(45),
+            end_data: field(46),
+            start_brk: field(47),
+            arg_start: field(48),
+            arg_end: field(49),
+            env_start: field(50),
+            env_end: field(51),
+            ..MmMap::default()
+        })
+    }
+
+    /// Every mapping of the file `/proc/self/exe` names.
+    fn own_regions() -> Result<Vec<Region>, String> {
+        let exe = std::fs::read_link("/proc/self/exe").map_err(|e| format!("exe:{e}"))?;
+        let exe = exe.to_string_lossy().into_owned();
+        let maps = std::fs::read_to_string("/proc/self/maps").map_err(|e| format!("maps:{e}"))?;
+        let mut out = Vec::new();
+        for line in maps.lines() {
+            let cols: Vec<&str> = line.splitn(6, ' ').collect();
+            let path = cols.get(5).map(|p| p.trim_start()).unwrap_or("");
+            if path != exe {
+                continue;
+            }
+            let (Some(range), Some(perms)) = (cols.first(), cols.get(1)) else {
+                continue;
+            };
+            let Some((a, b)) = range.split_once('-') else {
+                continue;
+            };
+            let (Ok(start), Ok(end)) = (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16))
+            else {
+                continue;
+            };
+            let p = perms.as_bytes();
+            let mut prot = libc::PROT_NONE;
+            if p.first() == Some(&b'r') {
+                prot |= libc::PROT_READ;
+            }
+            if p.get(1) == Some(&b'w') {
+                prot |= libc::PROT_WRITE;
+            }
+            if p.get(2) == Some(&b'x') {
+                prot |= libc::PROT_EXEC;
+            }
+            out.push(Region { start, end, prot });
+        }
+        if out.is_empty() {
+            return Err(format!("maps:no mapping of {exe}"));
+        }
+        Ok(out)
+    }
+}
+
+/// Run `f` in a forked child; its outcome comes back as the exit code (ok 0, eperm 1).
+fn in_child(f: impl FnOnce() -> String) -> String {
+    // SAFETY: single-threaded here; the child only makes one call and exits.
+    match unsafe { libc::fork() } {
+        -1 => format!("error:fork:{}", std::io::Error::last_os_error()),
+        0 => {
+            let code = match f().as_str() {
+                "ok" => 0,
+                "eperm" => 1,
+                _ => 2,
+            };
+            // SAFETY: leave the child at once, without running the parent's exit handlers.
+            unsafe { libc::_exit(code) }
+        }
+        pid => {
+            let mut status = 0;
+            // SAFETY: plain waitpid on our child.
+            unsafe { libc::waitpid(pid, &mut status, 0) };
+            match libc::WIFEXITED(status).then(|| libc::WEXITSTATUS(status)) {
+                Some(0) => "ok".to_string(),
+                Some(1) => "eperm".to_string(),
+                _ => format!("error:child status {status}"),
+            }
+        }
     }
 }

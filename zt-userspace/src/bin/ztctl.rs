@@ -288,6 +288,10 @@ fn print_status(st: &Status) {
         "packets     dropped: backstop {}  unparsed {}   replies allowed {} (peers recorded {})",
         d.backstop_dropped, d.unparsed_dropped, d.replies_allowed, d.replies_recorded
     );
+    println!(
+        "exec ids    {} decisions for callers with no exec record (exe identities match only processes that exec'd after zt first started), {} records not stored",
+        d.no_exec_record, d.exec_record_failed
+    );
     let e = &st.events;
     println!(
         "events      produced {}  delivered {}  lost (kernel {}, daemon {})  suppressed {}  ring {} / {} bytes  history {} / {}",
