@@ -1962,6 +1962,21 @@ pub fn probe_batch(exe: &Path, cgroup: &Path, uid: u32, gid: u32, cases: &[Strin
     lines
 }
 
+/// A fresh copy of an executable may be "text file busy" for a moment: another test
+/// thread's fork can still hold the descriptor the copy was written through. Wait (poll)
+/// until it executes.
+pub fn wait_executable(exe: &Path) {
+    let end = Instant::now() + Duration::from_secs(10);
+    loop {
+        match Command::new(exe).arg("--help").output() {
+            Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && Instant::now() < end => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            _ => return,
+        }
+    }
+}
+
 /// A `zt-probe session` in a cgroup as uid/gid: connected UDP sockets kept across policy
 /// changes, so that their later datagrams are judged by the egress backstop. Killed on drop.
 pub struct ProbeSession {

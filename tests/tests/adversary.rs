@@ -44,6 +44,7 @@ impl World {
             .expect("chmod");
         let app = dir.path().join("zt-app");
         std::fs::copy(&h.probe, &app).expect("copy the probe");
+        zt_integration::wait_executable(&app);
         h.write_policy(
             "p.toml",
             &format!(
@@ -218,6 +219,7 @@ fn fork_child_and_thread_inherit_the_exec_identity() {
     // The same from another executable is denied: the child is judged, by its inheritance.
     let other = w.dir.path().join("zt-other");
     std::fs::copy(&w.h.probe, &other).expect("copy");
+    zt_integration::wait_executable(&other);
     let (out, pid) = run(&other, &w.connect_args(&["--in-fork"]));
     assert_eq!(out, ["eperm"], "a fork of another executable is denied");
     let e =
@@ -341,6 +343,7 @@ fn exec_records_outlive_ztd_and_a_removed_tracepoint_pin_is_repaired() {
     let mut ztd = w.start();
     let other = w.dir.path().join("zt-other");
     std::fs::copy(&w.h.probe, &other).expect("copy");
+    zt_integration::wait_executable(&other);
     let enforced = |when: &str| {
         assert_eq!(run(&w.app, &w.connect_args(&[])).0, ["ok"], "zt-app {when}");
         assert_eq!(

@@ -12,7 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use zt_integration::{bin, Call, Harness, Server};
+use zt_integration::{bin, wait_executable, Call, Harness, Server};
 
 const PROBE: &str = env!("CARGO_BIN_EXE_zt-probe");
 const NOBODY: u32 = 65534;
@@ -225,20 +225,6 @@ fn a_socket_path_in_a_directory_others_may_write_is_refused() {
         "{}",
         ztd.lines().join("\n")
     );
-}
-
-/// A fresh copy may be "text file busy" for a moment: another test thread's fork can still
-/// hold the descriptor the copy was written through. Wait until it executes.
-fn wait_executable(exe: &Path) {
-    let end = Instant::now() + Duration::from_secs(5);
-    loop {
-        match Command::new(exe).arg("--help").output() {
-            Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && Instant::now() < end => {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            _ => return,
-        }
-    }
 }
 
 #[test]

@@ -119,6 +119,24 @@ const SMOKE: &[(&str, &[&str])] = &[
         "bypass",
         &["copied_binary_is_denied", "memfd_exec_is_denied"],
     ),
+    // The adversary tests of issue 12 that need only the kernel.
+    (
+        "adversary",
+        &[
+            "exe_swapped_with_pr_set_mm_map_is_still_the_exec_identity",
+            "exe_swapped_from_a_clone_vm_child_is_still_the_exec_identity",
+            "fork_child_and_thread_inherit_the_exec_identity",
+        ],
+    ),
+    (
+        "seams",
+        &[
+            "a_udp_listening_grant_is_not_an_egress_grant",
+            "a_tcp_listening_grant_is_not_an_egress_grant",
+            "a_packet_zt_cannot_parse_to_the_end_is_dropped",
+            "connected_udp_sends_with_control_messages_are_judged_by_the_connected_peer",
+        ],
+    ),
 ];
 
 /// Test binaries the full suite leaves out, and why.

@@ -963,7 +963,11 @@ impl Loader {
     /// Health as the kernel reports it: each pinned link's program attached to the cgroup.
     pub fn health(&self) -> Vec<HookHealth> {
         let mut all = health(&self.layout, &self.cgroup);
-        all.retain(|h| self.hooks.iter().any(|k| k.name() == h.hook));
+        // Missing cgroup hooks are listed as `degraded`, not as detached; tracepoints stay.
+        all.retain(|h| {
+            self.hooks.iter().any(|k| k.name() == h.hook)
+                || TRACERS.iter().any(|t| t.program == h.hook)
+        });
         all
     }
 
