@@ -214,7 +214,7 @@ pub fn install_task(ctx: &Ctx, prefix: &Path, etc: &Path) -> Result<()> {
     install(ctx, prefix, etc)
 }
 
-fn build_release(ctx: &Ctx) -> Result<()> {
+pub fn build_release(ctx: &Ctx) -> Result<()> {
     util::run(
         ctx.cargo()
             .args(["build", "--release", "-p", "zt-userspace", "--bins"]),

@@ -84,7 +84,8 @@ enum Cmd {
         kernel: vm::Kernel,
         #[arg(long, value_enum, default_value = "smoke")]
         suite: vm::Suite,
-        /// Kill the VM after this many seconds (default: 1800 for smoke, 10800 for full).
+        /// Kill the VM after this many seconds (default: 1800 for smoke and systemd, 10800 for
+        /// full).
         #[arg(long, value_name = "SECS")]
         timeout: Option<u64>,
     },

@@ -179,6 +179,19 @@ pub fn test(ctx: &Ctx) -> Result<()> {
                 },
             )
         }),
+        // The .deb on a Debian 12 root with systemd as PID 1 (xtask/src/vm/systemd.rs): the
+        // unit's life cycle, reload, tamper findings in the journal, remove and purge.
+        step("vm-test (the package under systemd, Debian 6.1)", |ctx| {
+            crate::vm::vm_test(
+                ctx,
+                &crate::vm::Opts {
+                    kernel: crate::vm::Kernel::Debian61,
+                    suite: crate::vm::Suite::Systemd,
+                    timeout: None,
+                    no_build: true,
+                },
+            )
+        }),
         // Last: every benchmark scenario runs end to end with reduced sizes (no thresholds).
         step("bench --quick (smoke test)", |ctx| {
             crate::bench::bench(

@@ -15,6 +15,7 @@
 //! `install` (which checks the build tree, not the kernel).
 
 mod cpio;
+mod systemd;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -62,6 +63,9 @@ pub enum Suite {
     Smoke,
     /// Every integration test but the install checks (slow under emulation).
     Full,
+    /// The Debian package under a real systemd: a Debian 12 root (mmdebstrap) with systemd
+    /// as PID 1 installs `target/debian/zt_*.deb` and checks the unit's life cycle.
+    Systemd,
 }
 
 pub struct Opts {
@@ -153,6 +157,9 @@ const BOOTED: &str = "ZT-VM: booted";
 const RESULT: &str = "ZT-VM-RESULT: ";
 
 pub fn vm_test(ctx: &Ctx, opts: &Opts) -> Result<()> {
+    if opts.suite == Suite::Systemd {
+        return systemd::vm_test(ctx, opts);
+    }
     let started = Instant::now();
     let qemu = ensure_tool("qemu-system-x86_64", "qemu-system-x86")?;
     let busybox = ensure_tool("busybox", "busybox-static")?;
@@ -188,10 +195,20 @@ pub fn vm_test(ctx: &Ctx, opts: &Opts) -> Result<()> {
 
     let timeout = Duration::from_secs(opts.timeout.unwrap_or(match opts.suite {
         Suite::Smoke => 30 * 60,
-        Suite::Full => 3 * 60 * 60,
+        Suite::Full | Suite::Systemd => 3 * 60 * 60,
     }));
     let log = vm_dir.join(format!("console-{}.log", kernel.release));
-    let run = boot(&qemu, &kernel, &initrd, size, timeout, &log)?;
+    // Room for the archive, its unpacked copy and the tests.
+    let mem_mib = 1024 + 2 * (size >> 20);
+    let run = boot(
+        &qemu,
+        &kernel,
+        &initrd,
+        mem_mib,
+        "console=ttyS0 rdinit=/init panic=-1 quiet loglevel=4",
+        timeout,
+        &log,
+    )?;
 
     let counts = run.counts;
     let verdict = match (&run.result, run.timed_out) {
@@ -574,6 +591,7 @@ fn plan(suite: Suite, built: &Built) -> Result<Vec<Run>> {
                 println!("vm-test: not run in the VM: {bin} ({why})");
             }
         }
+        Suite::Systemd => bail!("the systemd suite runs no test binaries"),
     }
     Ok(runs)
 }
@@ -868,12 +886,11 @@ fn boot(
     qemu: &Path,
     kernel: &KernelImage,
     initrd: &Path,
-    initrd_size: u64,
+    mem_mib: u64,
+    append: &str,
     timeout: Duration,
     log: &Path,
 ) -> Result<Outcome> {
-    // Room for the archive, its unpacked copy and the tests.
-    let mem_mib = 1024 + 2 * (initrd_size >> 20);
     let mut cmd = Command::new(qemu);
     cmd.args(["-accel", "tcg", "-cpu", "max", "-smp", "2"])
         .arg("-m")
@@ -883,10 +900,8 @@ fn boot(
         .arg(&kernel.vmlinuz)
         .arg("-initrd")
         .arg(initrd)
-        .args([
-            "-append",
-            "console=ttyS0 rdinit=/init panic=-1 quiet loglevel=4",
-        ])
+        .arg("-append")
+        .arg(append)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());

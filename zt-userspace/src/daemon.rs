@@ -40,10 +40,23 @@ fn emit_line(to_stderr: bool, level: &str, message: &str, fields: &[(&str, serde
         LogFormat::Json => log_line(LogFormat::Json, level, message, fields),
     };
     if to_stderr {
-        let _ = writeln!(std::io::stderr().lock(), "{line}");
+        let prefix = journal_prefix(level, stderr_is_journal());
+        let _ = writeln!(std::io::stderr().lock(), "{prefix}{line}");
     } else {
         let _ = writeln!(std::io::stdout().lock(), "{line}");
     }
+}
+
+/// Whether stderr is the journal (`JOURNAL_STREAM`, under systemd): then warning and error
+/// lines carry their syslog priority. Decided once.
+pub fn stderr_is_journal() -> bool {
+    static IS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *IS.get_or_init(|| {
+        use std::os::unix::fs::MetadataExt as _;
+        let stream = std::env::var("JOURNAL_STREAM").ok();
+        std::fs::metadata("/proc/self/fd/2")
+            .is_ok_and(|m| is_journal_stream(stream.as_deref(), m.dev(), m.ino()))
+    })
 }
 
 /// Print an informational line to stdout.
@@ -69,7 +82,10 @@ use crate::{
     enrich::Enricher,
     events,
     flows::{self, FlowStore},
-    history::{log_line, now_ns, EventFilter, EventRecord, FollowItem, History, LogFormat},
+    history::{
+        is_journal_stream, journal_prefix, log_line, now_ns, EventFilter, EventRecord, FollowItem,
+        History, LogFormat,
+    },
     identity_watch::{self, Targets},
     loader::{self, ApplyStats, HookStart, Layout, Loader, LoaderError},
     metrics::{self, MetricsSnapshot},

@@ -865,6 +865,29 @@ pub fn format_text(r: &EventRecord) -> String {
     line
 }
 
+/// The syslog priority journald reads from the start of a line it receives on a stream
+/// (`<3>` error, `<4>` warning; see sd-daemon(3)), for a line of `level` written to a
+/// stream that goes to the journal; `""` otherwise (info lines keep journald's default).
+/// Without it every line ztd writes is logged at the stream's priority (info), and
+/// `journalctl -p warning` would never show a tamper finding.
+pub fn journal_prefix(level: &str, to_journal: bool) -> &'static str {
+    match (to_journal, level) {
+        (true, "error") => "<3>",
+        (true, "warn") => "<4>",
+        _ => "",
+    }
+}
+
+/// Whether the file with device `dev` and inode `ino` is the stream systemd named in
+/// `JOURNAL_STREAM` (`DEV:INO`, decimal): set for a service whose stdout or stderr is the
+/// journal; a redirected or inherited stream is not it, and gets no priority prefix.
+pub fn is_journal_stream(journal_stream: Option<&str>, dev: u64, ino: u64) -> bool {
+    let Some((d, i)) = journal_stream.and_then(|v| v.trim().split_once(':')) else {
+        return false;
+    };
+    d.parse() == Ok(dev) && i.parse() == Ok(ino)
+}
+
 /// How `ztd` writes its logs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -960,6 +983,27 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
+
+    #[test]
+    fn warnings_and_errors_carry_their_priority_only_on_the_journal_stream() {
+        assert_eq!(journal_prefix("warn", true), "<4>");
+        assert_eq!(journal_prefix("error", true), "<3>");
+        assert_eq!(journal_prefix("info", true), "");
+        assert_eq!(journal_prefix("warn", false), "");
+        assert_eq!(journal_prefix("error", false), "");
+    }
+
+    #[test]
+    fn the_journal_stream_is_recognised_by_device_and_inode() {
+        assert!(is_journal_stream(Some("8:12345"), 8, 12345));
+        assert!(is_journal_stream(Some("8:12345\n"), 8, 12345));
+        // Another file (stderr redirected by the operator), or no systemd at all.
+        assert!(!is_journal_stream(Some("8:12345"), 8, 12346));
+        assert!(!is_journal_stream(Some("9:12345"), 8, 12345));
+        assert!(!is_journal_stream(None, 8, 12345));
+        assert!(!is_journal_stream(Some(""), 0, 0));
+        assert!(!is_journal_stream(Some("garbage"), 0, 0));
+    }
 
     const SEC: u64 = 1_000_000_000;
     /// 2026-11-27T00:00:00Z.

@@ -141,10 +141,11 @@ async fn main() -> std::process::ExitCode {
     };
     let log_format = args.log_format;
     // Text mode prints messages as they are (`path:line:column: message` stays greppable).
+    let prefix = zt::history::journal_prefix("error", daemon::stderr_is_journal());
     let error = |message: &str| match log_format {
-        LogFormat::Text => eprintln!("{message}"),
+        LogFormat::Text => eprintln!("{prefix}{message}"),
         LogFormat::Json => eprintln!(
-            "{}",
+            "{prefix}{}",
             zt::history::log_line(log_format, "error", message, &[])
         ),
     };
