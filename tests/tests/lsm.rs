@@ -6,9 +6,12 @@
 //! `ztctl status` says so, the daemon is healthy and the cgroup hooks still judge sockets.
 //! With `ZT_EXPECT_LSM=1` the unavailable branch fails: the VM suite cannot pass silently.
 
-use std::{path::Path, time::Duration};
+use std::{
+    path::Path,
+    time::{Duration, Instant},
+};
 
-use zt_integration::Harness;
+use zt_integration::{patience, Harness};
 
 const PROBE: &str = env!("CARGO_BIN_EXE_zt-probe");
 /// How long an event may take from the kernel to `ztctl events`.
@@ -54,7 +57,7 @@ fn expect_lsm() -> bool {
 fn packet_sockets_need_raw_where_the_lsm_hook_is_attached() {
     let h = Harness::new(PROBE);
     h.write_policy("p.toml", &policy());
-    let ztd = h.start_ztd(&[]);
+    let mut ztd = h.start_ztd(&[]);
     let st = ztd.status();
     let cg = h.cgroup.path.clone();
     if st.lsm != "socket_create attached" {
@@ -142,4 +145,30 @@ fn packet_sockets_need_raw_where_the_lsm_hook_is_attached() {
     assert!(granted.is_empty(), "allowed sockets reported: {granted:#?}");
     let st = ztd.status();
     assert!(st.decisions.family_denied >= 1, "{:#?}", st.decisions);
+    // The LSM link is pinned with the others, and `ztctl unload` detaches it too.
+    assert!(
+        h.pins.path.join("links/lsm_socket_create").exists(),
+        "the LSM link is pinned"
+    );
+    ztd.kill9();
+    assert_eq!(
+        socket(&h, "packet", PLAIN_GID, Some(&cg)),
+        "eperm",
+        "still refused after kill -9 (pinned)"
+    );
+    let pins = h.pins.path.display().to_string();
+    let out = h.ztctl(&["unload", "--bpffs", &pins]);
+    assert!(
+        out.status.success(),
+        "unload: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The last reference goes after an RCU grace period: poll.
+    let deadline = Instant::now() + patience(Duration::from_secs(10));
+    let mut last = socket(&h, "packet", PLAIN_GID, Some(&cg));
+    while last != "ok" && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+        last = socket(&h, "packet", PLAIN_GID, Some(&cg));
+    }
+    assert_eq!(last, "ok", "unload detached the LSM hook");
 }
