@@ -61,6 +61,7 @@ fn packet_sockets_need_raw_where_the_lsm_hook_is_attached() {
     let st = ztd.status();
     let cg = h.cgroup.path.clone();
     if st.lsm != "socket_create attached" {
+        eprintln!("lsm: {}", st.lsm);
         assert!(
             !expect_lsm(),
             "ZT_EXPECT_LSM=1 but the LSM hook is not attached: lsm = {:?}\nztd output:\n{}",

@@ -217,12 +217,14 @@ fn lsm_refusal(e: &ProgramError) -> String {
             list.trim()
         ),
         _ => {
-            let msg = crate::support::error_gist(&e.to_string());
-            let io = match e {
-                ProgramError::LoadError { io_error, .. } => format!(": {io_error}"),
-                _ => String::new(),
-            };
-            format!("the kernel refused to load it: {msg}{io}")
+            // aya's message ends with the verifier's log, empty when refused outright.
+            let msg = e.to_string();
+            let msg = msg
+                .trim_end()
+                .trim_end_matches("Verifier output:")
+                .trim_end();
+            let msg = crate::support::error_gist(msg.trim_end_matches('.'));
+            format!("the kernel refused to load it: {msg}")
         }
     }
 }
