@@ -141,6 +141,11 @@ const SMOKE: &[(&str, &[&str])] = &[
             "connected_udp_sends_with_control_messages_are_judged_by_the_connected_peer",
         ],
     ),
+    // The BPF LSM hook: the guest sets ZT_EXPECT_LSM=1, so it must be attached there.
+    (
+        "lsm",
+        &["packet_sockets_need_raw_where_the_lsm_hook_is_attached"],
+    ),
 ];
 
 /// Test binaries the full suite leaves out, and why.
@@ -563,7 +568,12 @@ fn plan(suite: Suite, built: &Built) -> Result<Vec<Run>> {
     };
     match suite {
         Suite::Smoke => {
+            // ZT_VM_ONLY=BIN runs only that binary's smoke tests (a quick check of one area).
+            let only = std::env::var("ZT_VM_ONLY").ok().filter(|o| !o.is_empty());
             for (bin, names) in SMOKE {
+                if only.as_deref().is_some_and(|o| o != *bin) {
+                    continue;
+                }
                 let have = listed(bin)?;
                 let missing: Vec<_> = names.iter().filter(|n| !have.contains(**n)).collect();
                 if !missing.is_empty() {
@@ -724,7 +734,7 @@ done
 status=0
 while read -r bin filter; do
   echo "ZT-VM: running $bin (uptime $(cut -d' ' -f1 /proc/uptime)s)"
-  ZT_BIN_DIR=/zt/bin ZT_TEST_TIME_SCALE=@SCALE@ RUST_BACKTRACE=1 "/zt/tests/$bin" $filter --test-threads=@THREADS@ </dev/null 2>&1 || status=1
+  ZT_EXPECT_LSM=1 ZT_BIN_DIR=/zt/bin ZT_TEST_TIME_SCALE=@SCALE@ RUST_BACKTRACE=1 "/zt/tests/$bin" $filter --test-threads=@THREADS@ </dev/null 2>&1 || status=1
 done </zt/suite
 echo "ZT-VM: suite done at uptime $(cut -d' ' -f1 /proc/uptime)s"
 if [ "$status" = 0 ]; then echo "ZT-VM-RESULT: PASS"; else echo "ZT-VM-RESULT: FAIL"; fi

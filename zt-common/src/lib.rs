@@ -101,11 +101,14 @@ pub enum Hook {
     SkbIngress = 8,
     SkbEgress = 9,
     Xdp = 10,
+    /// BPF LSM `socket_create` (kernels with BPF LSM only): sockets of address families
+    /// other than unix, inet, inet6 and netlink.
+    LsmSocketCreate = 11,
 }
 
 impl Hook {
     /// Every hook, in code order.
-    pub const ALL: [Hook; 10] = [
+    pub const ALL: [Hook; 11] = [
         Hook::Connect4,
         Hook::Connect6,
         Hook::Sendmsg4,
@@ -116,6 +119,7 @@ impl Hook {
         Hook::SkbIngress,
         Hook::SkbEgress,
         Hook::Xdp,
+        Hook::LsmSocketCreate,
     ];
 
     pub fn from_code(code: u8) -> Option<Hook> {
@@ -135,6 +139,7 @@ impl Hook {
             Hook::SkbIngress => "skb_ingress",
             Hook::SkbEgress => "skb_egress",
             Hook::Xdp => "xdp",
+            Hook::LsmSocketCreate => "lsm_socket_create",
         }
     }
 }
@@ -205,9 +210,12 @@ pub enum Stat {
     /// An exec or fork whose record could not be stored (map full, unreadable binprm): that
     /// process has no exec record (fail closed for `exe` identities).
     ExecRecordFailed = 16,
+    /// BPF LSM `socket_create`: sockets of an address family other than unix, inet, inet6
+    /// and netlink refused to a guarded process without `raw = true` (also in `Denied`).
+    FamilyDenied = 17,
 }
 
-/// Size of the hook-code space (codes 1..=10 are used) and verdict-code space (1..=3), for
+/// Size of the hook-code space (codes 1..=11 are used) and verdict-code space (1..=3), for
 /// the per-(hook, verdict) decision counters.
 pub const HOOK_CODES: u32 = 16;
 pub const VERDICT_CODES: u32 = 4;
@@ -390,6 +398,23 @@ pub struct KernelOffsets {
     pub signal_live: u32,
     pub _pad: u32,
 }
+
+/// Which processes the BPF LSM `socket_create` hook judges (it runs for every task on the
+/// host): those whose cgroup ancestor at `level` is `cgroup_id`, the guarded cgroup. Set by
+/// the loader as a global; `cgroup_id` 0 judges nothing.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LsmScope {
+    pub cgroup_id: u64,
+    /// The guarded cgroup's level (the cgroup v2 root is level 0).
+    pub level: u32,
+    pub _pad: u32,
+}
+
+/// Address families every process may create sockets of, whatever the policy: unix,
+/// netlink, and inet/inet6 (judged by the cgroup hooks). Others (`AF_PACKET`, `AF_XDP`,
+/// `AF_VSOCK`, ...) need `raw = true` where the BPF LSM hook is attached.
+pub const LSM_FREE_FAMILIES: [u32; 4] = [1, 2, 10, 16];
 
 /// Capacity of the exec-record map (one entry per live process, keyed by tgid). A process
 /// whose record cannot be stored (map full) has none: no `exe` identity matches it (fail
@@ -685,6 +710,7 @@ mod pod {
     unsafe impl aya::Pod for DecisionValue {}
     unsafe impl aya::Pod for RuleOfKey {}
     unsafe impl aya::Pod for KernelOffsets {}
+    unsafe impl aya::Pod for LsmScope {}
     unsafe impl aya::Pod for DecisionEvent {}
     unsafe impl aya::Pod for RateKey {}
     unsafe impl aya::Pod for RateState {}

@@ -14,12 +14,12 @@ use aya_ebpf::{
 };
 use zt_common::{
     reply_valid, CacheKey, DecisionEvent, DecisionKey, EventHeader, ExeKey, Hook, IdentityMask,
-    Proto, RateKey, RateState, ReplyKey, RuleOfKey, SlotConfig, SocketOwner, Stat, Verdict,
-    CACHE_EGRESS, EVENT_DECISION, EVENT_RATE_PER_SEC, EVENT_VERSION, FLAG_GLOBAL_AUDIT,
-    FLAG_LOG_ALLOWED, HOOK_CODES, INGRESS, MAX_RULES, NET_CLASS_ANY4, NET_CLASS_ANY6,
-    NET_CLASS_BIND, OWNER_ACTIVE_OPEN, PORTS_PER_PROTO, PORT_CLASS_ALL_ICMP, PORT_CLASS_ALL_OTHER,
-    PORT_CLASS_ALL_TCP, PORT_CLASS_ALL_UDP, RULE_DEFAULT, RULE_KIND_ALLOW, RULE_KIND_AUDIT_DENY,
-    RULE_KIND_DENY, RULE_LOG_FLAG, VERDICT_CODES,
+    LsmScope, Proto, RateKey, RateState, ReplyKey, RuleOfKey, SlotConfig, SocketOwner, Stat,
+    Verdict, CACHE_EGRESS, EVENT_DECISION, EVENT_RATE_PER_SEC, EVENT_VERSION, FLAG_GLOBAL_AUDIT,
+    FLAG_LOG_ALLOWED, HOOK_CODES, INGRESS, LSM_FREE_FAMILIES, MAX_RULES, NET_CLASS_ANY4,
+    NET_CLASS_ANY6, NET_CLASS_BIND, OWNER_ACTIVE_OPEN, PORTS_PER_PROTO, PORT_CLASS_ALL_ICMP,
+    PORT_CLASS_ALL_OTHER, PORT_CLASS_ALL_TCP, PORT_CLASS_ALL_UDP, RULE_DEFAULT, RULE_KIND_ALLOW,
+    RULE_KIND_AUDIT_DENY, RULE_KIND_DENY, RULE_LOG_FLAG, VERDICT_CODES,
 };
 
 use crate::{
@@ -907,4 +907,78 @@ pub fn port_granted<S: Slot>(dst: &Destination) -> bool {
 #[inline(always)]
 pub fn proto_from_ip(protocol: u8) -> Proto {
     proto_of(protocol as u32)
+}
+
+/// Which tasks the LSM `socket_create` hook judges; set by the loader.
+#[unsafe(no_mangle)]
+static LSM_SCOPE: LsmScope = LsmScope {
+    cgroup_id: 0,
+    level: 0,
+    _pad: 0,
+};
+
+const EPERM: i32 = 1;
+
+/// Judge the creation of a socket of address family `family` (the LSM hook): 0 lets it
+/// proceed, `-EPERM` refuses it.
+#[inline(always)]
+pub fn judge_family(family: u32) -> i32 {
+    if LSM_FREE_FAMILIES.contains(&family) {
+        return 0;
+    }
+    // SAFETY: read_volatile of a plain static the loader rewrites in .rodata.
+    let scope = unsafe { core::ptr::read_volatile(&LSM_SCOPE) };
+    if scope.cgroup_id == 0 || current_ancestor(scope.level as i32) != scope.cgroup_id {
+        return 0;
+    }
+    match active_slot() {
+        None => -EPERM,
+        Some(0) => judge_family_in::<Slot0>(family),
+        Some(_) => judge_family_in::<Slot1>(family),
+    }
+}
+
+#[inline(always)]
+fn judge_family_in<S: Slot>(family: u32) -> i32 {
+    let Some(cfg) = slot_config::<S>() else {
+        return -EPERM;
+    };
+    let caller = Caller::current();
+    caller.count_gaps();
+    let ids = caller.identities::<S>(cfg, current_ancestor);
+    let verdict = if ids & cfg.raw_identities != 0 {
+        Verdict::Allow
+    } else {
+        global_mode(cfg, default_verdict(cfg, ids))
+    };
+    if verdict == Verdict::Allow {
+        count_verdict(Hook::LsmSocketCreate, verdict);
+    } else {
+        tally::<S>(Hook::LsmSocketCreate, verdict, RULE_DEFAULT);
+    }
+    if verdict != Verdict::Allow || cfg.flags & FLAG_LOG_ALLOWED != 0 {
+        // The event's `family` is the address family number itself (17: AF_PACKET).
+        let dst = Destination {
+            family: family as u8,
+            addr: [0; 16],
+            port: 0,
+            proto: Proto::Other,
+        };
+        emit(
+            Hook::LsmSocketCreate,
+            verdict,
+            RULE_DEFAULT,
+            cfg,
+            &caller,
+            &dst,
+            &NO_LOCAL,
+            true,
+        );
+    }
+    if verdict == Verdict::Deny {
+        count(Stat::FamilyDenied);
+        -EPERM
+    } else {
+        0
+    }
 }

@@ -11,6 +11,7 @@ mod connect4;
 mod connect6;
 mod decide;
 mod identity;
+mod lsm_socket_create;
 mod maps;
 mod packet;
 mod sched_exec;

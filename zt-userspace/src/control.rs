@@ -169,6 +169,9 @@ pub struct Decisions {
     pub replies_allowed: u64,
     #[serde(default)]
     pub replies_recorded: u64,
+    /// Sockets of other address families refused by the BPF LSM hook.
+    #[serde(default)]
+    pub family_denied: u64,
 }
 
 /// Event pipeline accounting. Once the daemon has drained the ring buffer,
@@ -317,6 +320,11 @@ pub struct Status {
     /// Hooks this kernel could not load, which ztd runs without (`--allow-missing-hooks`).
     #[serde(default)]
     pub degraded: Vec<crate::support::MissingHook>,
+    /// The BPF LSM `socket_create` hook (other address families than unix/inet/inet6/
+    /// netlink): `socket_create attached`, or `unavailable (why)` where the kernel refuses
+    /// it. Not part of the baseline: its absence is reported, not a degradation.
+    #[serde(default)]
+    pub lsm: String,
 }
 
 /// One identity in `status`: what its names resolved to on this system.

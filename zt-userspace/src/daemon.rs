@@ -822,6 +822,7 @@ impl State {
             .collect();
         Response::Status(Box::new(Status {
             degraded: self.loader.missing().to_vec(),
+            lsm: self.loader.lsm().to_string(),
             healthy,
             mode: self.opts.mode.as_str().to_string(),
             generation,
@@ -844,6 +845,7 @@ impl State {
                 backstop_dropped: stat(Stat::SkbDropped),
                 replies_allowed: stat(Stat::ReplyAllowed),
                 replies_recorded: stat(Stat::ReplyRecorded),
+                family_denied: stat(Stat::FamilyDenied),
             },
             cgroup: self.opts.cgroup.clone(),
             bpffs: self.opts.bpffs.clone(),
@@ -1159,7 +1161,7 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
         warn!("ztd: an XDP front door pinned by an earlier run is still attached to {iface} (not managed: no --xdp {iface}); `ztctl unload` or removing {} detaches it", xdp::link_path(&layout, &iface).display());
     }
     say!(
-        "ztd: guarding {} in {} mode, {summary}; {} hooks {}{} and {} exec-identity tracepoints attached (pinned under {}); control socket {}",
+        "ztd: guarding {} in {} mode, {summary}; {} hooks {}{} and {} exec-identity tracepoints attached (pinned under {}); lsm: {}; control socket {}",
         opts.cgroup.display(),
         opts.mode.as_str(),
         state.loader.hooks().len(),
@@ -1184,6 +1186,7 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
         },
         loader::TRACERS.len(),
         opts.bpffs.display(),
+        state.loader.lsm(),
         opts.socket.display()
     );
     let events_map = state.loader.take_events();

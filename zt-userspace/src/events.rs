@@ -126,6 +126,8 @@ pub fn format_line(ev: &DecisionEvent, offset_ns: i128, exe: &str, rule: &str) -
         Some(Hook::SkbIngress | Hook::Xdp) => format!("<- {addr} to {local_end}/{proto}"),
         Some(Hook::Bind4 | Hook::Bind6) => format!("bind {local_end}/{proto}"),
         Some(Hook::SockCreate) => format!("socket {proto}"),
+        // `family` is the address family number here (17: AF_PACKET).
+        Some(Hook::LsmSocketCreate) => format!("socket family {}", ev.family),
         _ => format!("-> {addr}/{proto}"),
     };
     format!(

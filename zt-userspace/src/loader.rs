@@ -42,14 +42,14 @@ use aya::{
     programs::{
         links::{FdLink, PinnedLink},
         BtfTracePoint, CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock,
-        CgroupSockAddr, Program, ProgramError,
+        CgroupSockAddr, Lsm, Program, ProgramError,
     },
     Btf, Ebpf, EbpfLoader, Pod,
 };
 use zt_common::{
-    ActiveSlot, DecisionKey, DecisionValue, ExeKey, Hook, KernelOffsets, RuleOfKey, SlotConfig,
-    Stat, Verdict, HOOK_CODES, MAX_RULES, NET_CLASS_FIRST, PORTS_PER_PROTO, PORT_PROTOS,
-    STAT_COUNT, VERDICT_CODES,
+    ActiveSlot, DecisionKey, DecisionValue, ExeKey, Hook, KernelOffsets, LsmScope, RuleOfKey,
+    SlotConfig, Stat, Verdict, HOOK_CODES, MAX_RULES, NET_CLASS_FIRST, PORTS_PER_PROTO,
+    PORT_PROTOS, STAT_COUNT, VERDICT_CODES,
 };
 
 use crate::{policy::Compiled, sys};
@@ -147,6 +147,88 @@ pub const TRACERS: [Tracer; 3] = [
     },
 ];
 
+/// The BPF LSM hook (see [`LsmHook`]): its program, its kernel hook, and its pinned link's
+/// name under `links/`.
+pub const LSM_PROGRAM: &str = "lsm_socket_create";
+pub const LSM_HOOK: &str = "socket_create";
+
+/// The BPF LSM `socket_create` hook: a stronger hook where the kernel offers one (BPF LSM,
+/// `CONFIG_BPF_LSM` and `bpf` in the active LSMs). Not part of the baseline: where the kernel
+/// refuses it ztd runs without it, and `status` says why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LsmHook {
+    /// The kernel refused it (the reason).
+    Unavailable(String),
+    /// Loaded, not attached yet.
+    Loaded,
+    /// Attached, its link pinned at `links/lsm_socket_create`.
+    Attached,
+}
+
+impl std::fmt::Display for LsmHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LsmHook::Unavailable(why) => write!(f, "unavailable ({why})"),
+            LsmHook::Loaded => write!(f, "{LSM_HOOK} loaded, not attached"),
+            LsmHook::Attached => write!(f, "{LSM_HOOK} attached"),
+        }
+    }
+}
+
+/// The LSM hook's scope: the guarded cgroup's id (its directory's inode) and level below the
+/// cgroup v2 root.
+fn lsm_scope(cgroup: &Path) -> Result<LsmScope, String> {
+    use std::os::unix::fs::MetadataExt;
+    let root = sys::cgroup2_root().map_err(|e| e.to_string())?;
+    let root = root
+        .canonicalize()
+        .map_err(|e| format!("{}: {e}", root.display()))?;
+    let path = cgroup
+        .canonicalize()
+        .map_err(|e| format!("{}: {e}", cgroup.display()))?;
+    let below = path.strip_prefix(&root).map_err(|_| {
+        format!(
+            "{} is not below the cgroup v2 root {}",
+            path.display(),
+            root.display()
+        )
+    })?;
+    let level = below.components().count() as u32;
+    let cgroup_id = std::fs::metadata(&path)
+        .map_err(|e| format!("{}: {e}", path.display()))?
+        .ino();
+    if level == 0 {
+        return Err("the guarded cgroup is the cgroup root".to_string());
+    }
+    Ok(LsmScope {
+        cgroup_id,
+        level,
+        _pad: 0,
+    })
+}
+
+/// Why the kernel refused the LSM program, in an operator's words.
+fn lsm_refusal(e: &ProgramError) -> String {
+    let active = std::fs::read_to_string("/sys/kernel/security/lsm").ok();
+    match active {
+        Some(list) if !list.split(',').any(|l| l.trim() == "bpf") => format!(
+            "bpf is not among the kernel's active LSMs ({}): boot with lsm={},bpf",
+            list.trim(),
+            list.trim()
+        ),
+        _ => {
+            // aya's message ends with the verifier's log, empty when refused outright.
+            let msg = e.to_string();
+            let msg = msg
+                .trim_end()
+                .trim_end_matches("Verifier output:")
+                .trim_end();
+            let msg = crate::support::error_gist(msg.trim_end_matches('.'));
+            format!("the kernel refused to load it: {msg}")
+        }
+    }
+}
+
 /// The hooks attached to the guarded cgroup (all but XDP), in attach order: the packet
 /// backstops and socket-type control first, the connect/send/bind verdicts last.
 pub const CGROUP_HOOKS: [Hook; 9] = [
@@ -174,7 +256,7 @@ pub fn attach_type(hook: Hook) -> u32 {
         Hook::Connect6 => 11,
         Hook::Sendmsg4 => 14,
         Hook::Sendmsg6 => 15,
-        Hook::Xdp => u32::MAX,
+        Hook::Xdp | Hook::LsmSocketCreate => u32::MAX,
     }
 }
 
@@ -213,6 +295,8 @@ pub struct Loader {
     /// Hooks this kernel could not load, run without by the operator's leave
     /// (`--allow-missing-hooks`, see [`crate::support`]).
     missing: Vec<crate::support::MissingHook>,
+    /// The BPF LSM `socket_create` hook.
+    lsm: LsmHook,
 }
 
 /// How long after a flip the old slot is left alone before [`Loader::sync_idle`] rewrites
@@ -433,6 +517,10 @@ pub enum Problem {
     TracerMissing(&'static str),
     /// The pinned tracepoint link runs a program that is not ours (id shown).
     TracerForeign(&'static str, u32),
+    /// The LSM hook's link pin is gone (the link detached with it).
+    LsmMissing,
+    /// The pinned LSM link runs a program that is not ours (id shown).
+    LsmForeign(u32),
 }
 
 impl std::fmt::Display for Problem {
@@ -465,6 +553,14 @@ impl std::fmt::Display for Problem {
                 f,
                 "tracepoint {t}: the pinned link runs program {id}, not zt's"
             ),
+            Problem::LsmMissing => write!(
+                f,
+                "lsm {LSM_HOOK}: pinned link links/{LSM_PROGRAM} is missing (other address families are not judged)"
+            ),
+            Problem::LsmForeign(id) => write!(
+                f,
+                "lsm {LSM_HOOK}: the pinned link runs program {id}, not zt's"
+            ),
         }
     }
 }
@@ -490,9 +586,15 @@ impl Loader {
         std::fs::create_dir_all(&maps_dir).map_err(io_err(&maps_dir))?;
         let links_dir = layout.links_dir();
         std::fs::create_dir_all(&links_dir).map_err(io_err(&links_dir))?;
+        let scope = lsm_scope(cgroup);
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&maps_dir)
             .override_global("KERNEL_OFFSETS", &offsets, true)
+            .override_global(
+                "LSM_SCOPE",
+                scope.as_ref().unwrap_or(&LsmScope::default()),
+                true,
+            )
             .load(EBPF_OBJECT)?;
         let mut hooks = Vec::new();
         let mut failed = Vec::new();
@@ -521,6 +623,13 @@ impl Loader {
         }
         let missing = crate::support::decide(&failed, CGROUP_HOOKS.len(), allow_missing)
             .map_err(LoaderError::MissingHooks)?;
+        let lsm = match scope {
+            Err(why) => LsmHook::Unavailable(why),
+            Ok(_) => match load_lsm(&mut ebpf, &btf) {
+                Ok(()) => LsmHook::Loaded,
+                Err(e) => LsmHook::Unavailable(lsm_refusal(&e)),
+            },
+        };
         let pinned_maps = ebpf
             .maps()
             .map(|(name, _)| name.to_string())
@@ -540,7 +649,13 @@ impl Loader {
             grace_periods: 0,
             hooks,
             missing,
+            lsm,
         })
+    }
+
+    /// The BPF LSM `socket_create` hook: attached, or why not.
+    pub fn lsm(&self) -> &LsmHook {
+        &self.lsm
     }
 
     /// The cgroup hooks loaded and attached by this loader.
@@ -559,6 +674,12 @@ impl Loader {
     pub fn attach_or_adopt(&mut self) -> Result<Vec<(Hook, HookStart)>, LoaderError> {
         for tracer in TRACERS {
             self.attach_tracer(&tracer)?;
+        }
+        if self.lsm == LsmHook::Loaded {
+            self.lsm = match self.attach_lsm() {
+                Ok(()) => LsmHook::Attached,
+                Err(e) => LsmHook::Unavailable(format!("the kernel refused to attach it: {e}")),
+            };
         }
         let cgroup_fd = sys::open_dir(&self.cgroup).map_err(io_err(&self.cgroup))?;
         let mut report = Vec::new();
@@ -622,6 +743,39 @@ impl Loader {
         let p: &mut BtfTracePoint = prog.try_into().map_err(prog_err)?;
         let id = p.attach().map_err(prog_err)?;
         let fd_link = FdLink::from(p.take_link(id).map_err(prog_err)?);
+        if fresh.exists() {
+            std::fs::remove_file(&fresh).map_err(io_err(&fresh))?;
+        }
+        fd_link.pin(&fresh).map_err(|e| LoaderError::Link {
+            path: fresh.clone(),
+            source: std::io::Error::other(e.to_string()),
+        })?;
+        std::fs::rename(&fresh, &path).map_err(|source| LoaderError::Link { path, source })?;
+        Ok(())
+    }
+
+    /// Attach the LSM program through a new link, pinned over an earlier run's (as the
+    /// tracepoints: both run for a moment, never neither).
+    fn attach_lsm(&mut self) -> Result<(), LoaderError> {
+        let prog_err = |source| LoaderError::Program {
+            hook: LSM_PROGRAM,
+            source,
+        };
+        let prog = self
+            .ebpf
+            .program_mut(LSM_PROGRAM)
+            .ok_or(prog_err(ProgramError::NotLoaded))?;
+        let p: &mut Lsm = prog.try_into().map_err(prog_err)?;
+        let id = p.attach().map_err(prog_err)?;
+        let fd_link = FdLink::from(p.take_link(id).map_err(prog_err)?);
+        self.pin_over(fd_link, LSM_PROGRAM)
+    }
+
+    /// Pin `fd_link` at `links/NAME`, replacing an earlier pin in one rename.
+    fn pin_over(&self, fd_link: FdLink, name: &str) -> Result<(), LoaderError> {
+        let path = self.layout.links_dir().join(name);
+        // bpffs refuses names with a dot.
+        let fresh = self.layout.links_dir().join(format!("{name}_new"));
         if fresh.exists() {
             std::fs::remove_file(&fresh).map_err(io_err(&fresh))?;
         }
@@ -1013,6 +1167,20 @@ impl Loader {
                 Ok(_) => {}
             }
         }
+        if self.lsm == LsmHook::Attached {
+            let ours = self
+                .ebpf
+                .program(LSM_PROGRAM)
+                .and_then(|p| p.info().ok())
+                .map(|i| i.id());
+            match link_program_id(&self.layout.links_dir().join(LSM_PROGRAM)) {
+                Err(_) | Ok(0) => out.push(Problem::LsmMissing),
+                Ok(id) if ours.is_some_and(|ours| ours != id) => {
+                    out.push(Problem::LsmForeign(id));
+                }
+                Ok(_) => {}
+            }
+        }
         for name in &self.pinned_maps {
             let present =
                 self.ebpf.map(name).is_none() || self.layout.maps_dir().join(name).exists();
@@ -1087,6 +1255,12 @@ impl Loader {
                 std::fs::create_dir_all(&links_dir).map_err(io_err(&links_dir))?;
                 self.attach_tracer(&tracer)?;
                 Ok(format!("tracepoint {name}: re-attached (new link pinned)"))
+            }
+            Problem::LsmMissing | Problem::LsmForeign(_) => {
+                let links_dir = self.layout.links_dir();
+                std::fs::create_dir_all(&links_dir).map_err(io_err(&links_dir))?;
+                self.attach_lsm()?;
+                Ok(format!("lsm {LSM_HOOK}: re-attached (new link pinned)"))
             }
             Problem::MapPinMissing(name) => {
                 let maps_dir = self.layout.maps_dir();
@@ -1295,6 +1469,15 @@ fn load_program(ebpf: &mut Ebpf, hook: Hook) -> Result<(), ProgramError> {
             p.load()
         }
     }
+}
+
+/// Load the BPF LSM program against the kernel's BTF.
+fn load_lsm(ebpf: &mut Ebpf, btf: &Btf) -> Result<(), ProgramError> {
+    let prog = ebpf
+        .program_mut(LSM_PROGRAM)
+        .ok_or(ProgramError::NotLoaded)?;
+    let p: &mut Lsm = prog.try_into()?;
+    p.load(LSM_HOOK, btf)
 }
 
 /// Load one exec-identity tracepoint program against the kernel's BTF.

@@ -61,6 +61,7 @@ pub fn kernel_feature(hook: Hook) -> &'static str {
             "BPF_PROG_TYPE_CGROUP_SKB attached at BPF_CGROUP_INET_EGRESS (Linux 4.10)"
         }
         Hook::Xdp => "BPF_PROG_TYPE_XDP (Linux 4.8; native mode needs driver support)",
+        Hook::LsmSocketCreate => "BPF_PROG_TYPE_LSM (Linux 5.7, CONFIG_BPF_LSM, `bpf` in lsm=)",
     }
 }
 

@@ -25,6 +25,8 @@ enum SocketKind {
     Raw,
     /// SOCK_DGRAM, IPPROTO_ICMP (an unprivileged "ping" socket).
     Icmp,
+    /// AF_PACKET, SOCK_RAW, protocol 0 (link-layer access, below every cgroup hook).
+    Packet,
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq)]
@@ -509,12 +511,13 @@ fn main() {
                 println!("error:setup:{e}");
                 return;
             }
-            let ty = match kind {
-                SocketKind::Raw => libc::SOCK_RAW,
-                SocketKind::Icmp => libc::SOCK_DGRAM,
+            let (family, ty, protocol) = match kind {
+                SocketKind::Raw => (libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_ICMP),
+                SocketKind::Icmp => (libc::AF_INET, libc::SOCK_DGRAM, libc::IPPROTO_ICMP),
+                SocketKind::Packet => (libc::AF_PACKET, libc::SOCK_RAW, 0),
             };
             // SAFETY: plain socket(2); the fd is owned right away.
-            let fd = unsafe { libc::socket(libc::AF_INET, ty, libc::IPPROTO_ICMP) };
+            let fd = unsafe { libc::socket(family, ty, protocol) };
             if fd < 0 {
                 report.finish(&outcome(Err(std::io::Error::last_os_error())));
                 return;
@@ -1335,7 +1338,7 @@ fn echo(sock: &UdpSocket, to: std::net::Ipv4Addr, kind: SocketKind) -> std::io::
         // Raw sockets see the IP header first; ping sockets see only ICMP.
         let icmp = match kind {
             SocketKind::Raw => &buf[((buf[0] & 0x0f) as usize * 4).min(n)..n],
-            SocketKind::Icmp => &buf[..n],
+            SocketKind::Icmp | SocketKind::Packet => &buf[..n],
         };
         if icmp.first() == Some(&0) {
             return Ok(());

@@ -320,6 +320,9 @@ fn print_status(st: &Status) {
     for m in &st.degraded {
         println!("DEGRADED    {m}");
     }
+    if !st.lsm.is_empty() {
+        println!("lsm         {}", st.lsm);
+    }
     if st.repairs > 0 {
         println!("repairs     {}  last: {}", st.repairs, st.last_repair);
     }
