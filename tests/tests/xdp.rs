@@ -1005,13 +1005,32 @@ fn attach_scenario(mode: &str) {
         .unwrap_or_else(|| panic!("no xdp deny event:\n{}", ztd.lines().join("\n")));
     assert!(line.contains(&format!("to port {OPEN}/tcp")), "{line}");
 
-    // `ztctl unload` detaches it: everything connects again.
+    // `ztctl unload` detaches it: everything connects again. The link goes when its last
+    // holder closes it (ztd exits after answering): poll the interface until no XDP program
+    // is on it, then judge.
     let out = h.ztctl(&["unload", "--bpffs", &h.pins.path.display().to_string()]);
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    let iface = net.veth_b();
+    let end = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let link = std::process::Command::new("ip")
+            .args(["-n", &net.b, "link", "show", "dev", &iface])
+            .output()
+            .expect("ip link show");
+        let text = String::from_utf8_lossy(&link.stdout).to_string();
+        if !text.contains("xdp") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < end,
+            "XDP still on {iface} after unload:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     assert_eq!(outcomes(h, net), all_ok(), "after unload");
 }
 
